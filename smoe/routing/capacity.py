@@ -1,0 +1,97 @@
+"""Expert capacity: how many assignments an expert accepts per routing group, and which ones it keeps.
+
+Capacity formulas differ between libraries (reference §12.3); we follow vmoe's ``compute_capacity``:
+``C = ceil(cf * S * K / E)`` (or ``round``), then rounded *up* to a multiple of ``multiple_of``. vmoe's default
+``multiple_of`` is 4; ours is 1 so that small test groups get exactly the nominal capacity.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["compute_capacity", "capacity_keep_mask"]
+
+
+def compute_capacity(
+    group_size: int,
+    num_experts: int,
+    capacity_factor: float,
+    top_k: int = 1,
+    *,
+    rounding: str = "ceil",
+    multiple_of: int = 1,
+) -> int:
+    """Per-expert, per-group buffer size ``C`` (vmoe ``compute_capacity``).
+
+    Args:
+        group_size: ``S``, tokens per routing group.
+        num_experts: ``E``.
+        capacity_factor: ``cf > 0``; 1.0 means room for exactly the average load.
+        top_k: ``K`` (1 for expert choice, whose ``c = S * cf / E``).
+        rounding: ``"ceil"`` (vmoe default) or ``"round"``.
+        multiple_of: round ``C`` up to a multiple of this.
+
+    Returns:
+        ``C >= 1``.
+    """
+    if capacity_factor <= 0:
+        raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
+    raw = capacity_factor * group_size * top_k / num_experts
+    if rounding == "ceil":
+        c = math.ceil(raw - 1e-9)
+    elif rounding == "round":
+        c = round(raw)
+    else:
+        raise ValueError(f"rounding must be 'ceil' or 'round', got {rounding!r}")
+    c = max(c, 1)
+    c += (-c) % multiple_of
+    return c
+
+
+def capacity_keep_mask(
+    expert_idx_GSK: Tensor, capacity: int, num_experts: int, priority_GS: Tensor | None = None
+) -> Tensor:
+    """Which assignments fit in their expert's buffer (V-MoE ``_get_top_experts_per_item_common``, reference §3.1.3).
+
+    Assignments are placed in this order: all top-1 choices before any top-2 choice (and so on); within one choice
+    rank, by token position, or, with Batch Prioritized Routing, by descending ``priority_GS`` (the token's top-1
+    gate). An assignment is kept if fewer than ``capacity`` assignments to the same expert come before it.
+
+    Implementation: one stable sort by the key ``(expert, group, placement rank)``; an assignment's buffer slot is
+    its index minus the start of its ``(expert, group)`` segment. This costs ``O(T K log T K)`` and no ``(T, E)``
+    one-hot.
+
+    Args:
+        expert_idx_GSK: ``(G, S, K)`` chosen experts.
+        capacity: ``C``, buffer rows per expert and group.
+        num_experts: ``E``.
+        priority_GS: ``(G, S)`` priority (higher is placed first), or ``None`` for position order.
+
+    Returns:
+        ``(G, S, K)`` bool mask, ``True`` where the assignment is kept.
+    """
+    G, S, K = expert_idx_GSK.shape
+    device = expert_idx_GSK.device
+    if priority_GS is None:
+        position_GS = torch.arange(S, device=device).expand(G, S)
+    else:
+        # rank of each token in descending priority; ties keep position order (stable sort)
+        order_GS = torch.argsort(-priority_GS, dim=1, stable=True)
+        position_GS = torch.empty_like(order_GS)
+        position_GS.scatter_(1, order_GS, torch.arange(S, device=device).expand(G, S))
+    # placement rank inside a group: choice rank first, then token priority/position
+    rank_GSK = torch.arange(K, device=device).view(1, 1, K) * S + position_GS.unsqueeze(-1)
+    group_GSK = torch.arange(G, device=device).view(G, 1, 1).expand(G, S, K)
+    segment = (expert_idx_GSK * G + group_GSK).reshape(-1)  # (expert, group) segment id
+    key = segment * (S * K) + rank_GSK.reshape(-1)
+    order = torch.argsort(key)
+    seg_sorted = segment[order]
+    counts = torch.bincount(seg_sorted, minlength=num_experts * G)
+    starts = torch.cumsum(counts, 0) - counts
+    slot_sorted = torch.arange(order.numel(), device=device) - starts[seg_sorted]
+    slot = torch.empty_like(slot_sorted)
+    slot[order] = slot_sorted
+    return (slot < capacity).view(G, S, K)

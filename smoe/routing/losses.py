@@ -1,0 +1,77 @@
+"""Auxiliary routing losses as pure functions (reference §2 and §3.1.4).
+
+All take per-group tensors ``(G, S, E)`` (``G`` routing groups of ``S`` tokens), compute the loss per group as the
+papers' code does (vmoe, flaxformer) and average over groups. They return unweighted scalars; the router multiplies
+by its loss weights. Compute them in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["switch_balance_loss", "router_z_loss", "importance_loss", "load_loss", "cv_squared"]
+
+
+def switch_balance_loss(probs_GSE: Tensor, expert_idx_GSK: Tensor) -> Tensor:
+    """Switch Transformer load-balancing loss ``E * sum_i f_i * P_i`` (Fedus et al. 2021, eq. 4; GShard l_aux).
+
+    ``f_i`` is the fraction of the group's ``S*K`` assignments that chose expert ``i`` (before capacity dropping;
+    Megatron-Core's normalisation by ``S*K``, so that the loss is 1 at perfect balance for every ``K``), ``P_i`` the
+    mean router probability of expert ``i``. Gradients flow through ``P`` only.
+
+    Args:
+        probs_GSE: ``(G, S, E)`` router probabilities.
+        expert_idx_GSK: ``(G, S, K)`` selected experts.
+
+    Returns:
+        Scalar loss, averaged over groups; 1.0 when routing is uniform.
+    """
+    G, S, E = probs_GSE.shape
+    K = expert_idx_GSK.shape[-1]
+    counts_GE = torch.zeros(G, E, device=probs_GSE.device, dtype=probs_GSE.dtype)
+    counts_GE.scatter_add_(
+        1, expert_idx_GSK.reshape(G, S * K), torch.ones_like(expert_idx_GSK, dtype=probs_GSE.dtype).reshape(G, S * K)
+    )
+    f_GE = counts_GE / (S * K)
+    P_GE = probs_GSE.mean(dim=1)
+    return (E * (f_GE * P_GE).sum(dim=-1)).mean()
+
+
+def router_z_loss(logits_GSE: Tensor) -> Tensor:
+    """ST-MoE router z-loss ``mean_x (logsumexp_j logit_j(x))^2`` (Zoph et al. 2022, eq. 5)."""
+    return torch.logsumexp(logits_GSE.float(), dim=-1).pow(2).mean()
+
+
+def cv_squared(values_GE: Tensor) -> Tensor:
+    """Squared coefficient of variation per group with the population std (ddof=0, as jnp.std), averaged."""
+    mean_G = values_GE.mean(dim=-1)
+    var_G = values_GE.var(dim=-1, unbiased=False)
+    return (var_G / mean_G.pow(2).clamp_min(1e-20)).mean()
+
+
+def importance_loss(probs_GSE: Tensor) -> Tensor:
+    """V-MoE importance loss ``(std(Imp) / mean(Imp))^2`` with ``Imp_i = sum_s p[s, i]`` (Riquelme et al. 2021, A.2).
+
+    ``probs_GSE`` are the *clean* softmax probabilities, even when noise is on (vmoe ``_importance_auxiliary_loss``).
+    """
+    return cv_squared(probs_GSE.sum(dim=1))
+
+
+def load_loss(logits_GSE: Tensor, noisy_logits_GSE: Tensor, noise_std: float, top_k: int) -> Tensor:
+    """V-MoE load loss (Riquelme et al. 2021, Appendix A.2; vmoe ``_load_auxiliary_loss``).
+
+    ``p[s, i] = 1 - Phi((thr_s - logits[s, i]) / sigma)`` is the probability that expert ``i`` would still be in the
+    top-k if its noise were re-sampled, with ``thr_s`` the k-th largest *noisy* logit of token ``s`` and the *clean*
+    logits in the numerator. ``load_i = sum_s p[s, i]`` and the loss is its squared coefficient of variation.
+    Undefined without noise (``noise_std`` must be > 0).
+    """
+    if noise_std <= 0:
+        raise ValueError(f"load_loss needs noise_std > 0, got {noise_std}")
+    threshold_GS1 = noisy_logits_GSE.topk(top_k, dim=-1).values[..., -1:]
+    z_GSE = (threshold_GS1 - logits_GSE) / noise_std
+    # 1 - Phi(z) = 0.5 * erfc(z / sqrt(2))
+    p_GSE = 0.5 * torch.erfc(z_GSE / math.sqrt(2.0))
+    return cv_squared(p_GSE.sum(dim=1))

@@ -1,0 +1,69 @@
+"""String registry of routers: ``register_router`` / ``get_router`` / ``list_routers``.
+
+Every registered router is built with the same keyword call
+``cls(dim=..., num_experts=..., top_k=..., capacity_factor=..., **router_kwargs)`` so that the MoE layer, the
+presets and the contract tests can treat them alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from smoe.routing.base import Router
+
+__all__ = ["register_router", "get_router", "list_routers", "build_router"]
+
+_ROUTERS: dict[str, type[Router]] = {}
+
+
+def register_router(name: str) -> Callable[[type[Router]], type[Router]]:
+    """Class decorator that registers a router under ``name``."""
+
+    def deco(cls: type[Router]) -> type[Router]:
+        if name in _ROUTERS and _ROUTERS[name] is not cls:
+            raise ValueError(f"router name {name!r} is already registered to {_ROUTERS[name].__name__}")
+        _ROUTERS[name] = cls
+        cls.registry_name = name
+        return cls
+
+    return deco
+
+
+def list_routers() -> list[str]:
+    """Names of all registered routers, sorted."""
+    return sorted(_ROUTERS)
+
+
+def get_router(name: str) -> type[Router]:
+    """The router class registered under ``name``; ``ValueError`` listing the valid names otherwise."""
+    try:
+        return _ROUTERS[name]
+    except KeyError:
+        raise ValueError(f"unknown router {name!r}; expected one of {list_routers()}") from None
+
+
+def build_router(
+    name: str,
+    *,
+    dim: int,
+    num_experts: int,
+    top_k: int,
+    capacity_factor: float | None = None,
+    device=None,
+    dtype=None,
+    **router_kwargs,
+) -> Router:
+    """Instantiate the router ``name`` with the common arguments plus router-specific ``router_kwargs``."""
+    cls = get_router(name)
+    try:
+        return cls(
+            dim=dim,
+            num_experts=num_experts,
+            top_k=top_k,
+            capacity_factor=capacity_factor,
+            device=device,
+            dtype=dtype,
+            **router_kwargs,
+        )
+    except TypeError as e:  # an unknown router option: say which router refused it
+        raise ValueError(f"router {name!r}: {e}") from None

@@ -1,0 +1,253 @@
+"""Token-choice top-k routing: Switch (k=1), GShard, Mixtral, V-MoE (with Batch Prioritized Routing), DeepSeek-V3.
+
+Each token picks ``K`` experts from its router scores. The variants differ in a handful of switches, all explicit
+here (reference §3.1 and §12.1):
+
+* ``order="softmax_topk"``: ``gates = softmax(logits)``, keep the top-k gates as combine weights, *not*
+  renormalised (V-MoE ``TOP_k(softmax(Wx + eps))``, Riquelme et al. 2021 eq. 1; Switch for k=1).
+  ``renormalize=True`` divides by their sum (GShard / fairseq top-2).
+* ``order="topk_softmax"``: top-k on the logits, softmax over the k chosen logits (Mixtral; identical to
+  softmax-then-top-k-then-renormalise in exact arithmetic).
+* ``score_fn="sigmoid"``: independent sigmoid scores (DeepSeek-V3), usually with ``renormalize=True``.
+* ``noise="gaussian"``: additive ``N(0, (noise_std/E)^2)`` on the logits in training (V-MoE);
+  ``noise="jitter"``: multiplicative ``U(1-eps, 1+eps)`` on the router *inputs* (Switch / flaxformer).
+* ``capacity_factor``: ``None`` is dropless; otherwise each expert accepts ``C = ceil(cf*S*K/E)`` assignments per
+  group of ``S`` tokens, placed all-top-1-first then by position, or by descending top-1 gate with
+  ``batch_priority=True`` (V-MoE BPR, usable with ``cf < 1`` at test time for adaptive compute).
+* ``expert_bias=True``: aux-loss-free balancing (DeepSeek-V3, Wang et al. 2024 "Auxiliary-loss-free load balancing"):
+  a per-expert bias buffer is added to the scores *for selection only*; combine weights use the unbiased scores.
+  The bias is updated outside ``forward`` by :func:`smoe.routing.bias_balancing.update_expert_bias`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from smoe.routing.base import Router, RouterOutput, RoutingContext, router_logits_fp32
+from smoe.routing.capacity import capacity_keep_mask, compute_capacity
+from smoe.routing.losses import importance_loss, load_loss, router_z_loss, switch_balance_loss
+from smoe.routing.plan import sparse_plan_from_topk
+from smoe.routing.registry import register_router
+
+__all__ = ["TokenChoiceRouter", "GatedRouter", "top_k_choice"]
+
+
+class GatedRouter(Router):
+    """Shared machinery of routers with a linear gate ``logits = x W^T`` and the standard losses.
+
+    Args:
+        dim: model width ``D``.
+        num_experts: ``E``.
+        top_k: ``K``.
+        capacity_factor: capacity factor or ``None``.
+        balance_loss_weight: weight of the Switch load-balancing loss (``alpha = 1e-2`` in Switch).
+        z_loss_weight: weight of the ST-MoE router z-loss (``1e-3`` in ST-MoE).
+        importance_loss_weight: weight of the V-MoE importance loss (0.005 in V-MoE).
+        load_loss_weight: weight of the V-MoE load loss (0.005 in V-MoE; needs gaussian noise).
+        gate_init_std: std of the normal gate init (flaxformer ``normal(2e-2)``).
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_experts: int,
+        top_k: int,
+        capacity_factor: float | None = None,
+        balance_loss_weight: float = 0.01,
+        z_loss_weight: float = 0.0,
+        importance_loss_weight: float = 0.0,
+        load_loss_weight: float = 0.0,
+        gate_init_std: float = 0.02,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(dim=dim, num_experts=num_experts, top_k=top_k)
+        self.capacity_factor = capacity_factor
+        self.balance_loss_weight = balance_loss_weight
+        self.z_loss_weight = z_loss_weight
+        self.importance_loss_weight = importance_loss_weight
+        self.load_loss_weight = load_loss_weight
+        self.gate = nn.Linear(dim, num_experts, bias=False, device=device, dtype=dtype)
+        nn.init.normal_(self.gate.weight, std=gate_init_std)
+
+    def logits(self, x_TD: Tensor) -> Tensor:
+        """``(T, E)`` float32 router logits."""
+        return router_logits_fp32(x_TD, self.gate.weight)
+
+    def standard_losses(
+        self,
+        logits_GSE: Tensor,
+        probs_GSE: Tensor,
+        expert_idx_GSK: Tensor | None,
+        noisy_logits_GSE: Tensor | None = None,
+        noise_std: float = 0.0,
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """Compute the enabled losses; returns ``(unweighted losses by name, weighted sum)``."""
+        losses: dict[str, Tensor] = {}
+        total = logits_GSE.new_zeros(())
+        if self.balance_loss_weight and expert_idx_GSK is not None:
+            losses["balance"] = switch_balance_loss(probs_GSE, expert_idx_GSK)
+            total = total + self.balance_loss_weight * losses["balance"]
+        if self.z_loss_weight:
+            losses["z"] = router_z_loss(logits_GSE)
+            total = total + self.z_loss_weight * losses["z"]
+        if self.importance_loss_weight:
+            losses["importance"] = importance_loss(probs_GSE)
+            total = total + self.importance_loss_weight * losses["importance"]
+        if self.load_loss_weight and noisy_logits_GSE is not None and noise_std > 0:
+            losses["load"] = load_loss(logits_GSE, noisy_logits_GSE, noise_std, expert_idx_GSK.shape[-1])
+            total = total + self.load_loss_weight * losses["load"]
+        return losses, total
+
+
+def top_k_choice(
+    logits_TE: Tensor,
+    top_k: int,
+    *,
+    score_fn: str = "softmax",
+    order: str = "softmax_topk",
+    renormalize: bool = False,
+    selection_bias_E: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Pure top-k selection.
+
+    Args:
+        logits_TE: ``(T, E)`` float32 logits (noise already applied if any).
+        top_k: ``K``.
+        score_fn: ``"softmax"`` or ``"sigmoid"``.
+        order: ``"softmax_topk"`` or ``"topk_softmax"`` (softmax only).
+        renormalize: divide the kept weights by their sum.
+        selection_bias_E: ``(E,)`` bias added to the scores for the choice only (aux-loss-free balancing).
+
+    Returns:
+        ``(expert_idx_TK, weight_TK, probs_TE)``: chosen experts, combine weights, and the per-token probability
+        vector used for losses and diagnostics.
+    """
+    if score_fn == "softmax":
+        probs_TE = logits_TE.softmax(dim=-1)
+        if order == "softmax_topk":
+            choice_TE = probs_TE if selection_bias_E is None else probs_TE + selection_bias_E
+            expert_idx_TK = choice_TE.topk(top_k, dim=-1).indices
+            weight_TK = probs_TE.gather(1, expert_idx_TK)
+        elif order == "topk_softmax":
+            choice_TE = logits_TE if selection_bias_E is None else logits_TE + selection_bias_E
+            expert_idx_TK = choice_TE.topk(top_k, dim=-1).indices
+            weight_TK = logits_TE.gather(1, expert_idx_TK).softmax(dim=-1)
+            renormalize = False  # already sums to one
+        else:
+            raise ValueError(f"order must be 'softmax_topk' or 'topk_softmax', got {order!r}")
+    elif score_fn == "sigmoid":
+        scores_TE = torch.sigmoid(logits_TE)
+        choice_TE = scores_TE if selection_bias_E is None else scores_TE + selection_bias_E
+        expert_idx_TK = choice_TE.topk(top_k, dim=-1).indices
+        weight_TK = scores_TE.gather(1, expert_idx_TK)
+        probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+    else:
+        raise ValueError(f"score_fn must be 'softmax' or 'sigmoid', got {score_fn!r}")
+    if renormalize:
+        weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    return expert_idx_TK, weight_TK, probs_TE
+
+
+@register_router("token_choice")
+class TokenChoiceRouter(GatedRouter):
+    """Top-k token choice (Shazeer et al. 2017; Switch, Fedus et al. 2021; GShard; Mixtral; V-MoE + BPR).
+
+    Args (beyond :class:`GatedRouter`):
+        score_fn: ``"softmax"`` (default) or ``"sigmoid"``.
+        order: ``"softmax_topk"`` (V-MoE, default) or ``"topk_softmax"`` (Mixtral).
+        renormalize: renormalise the kept weights over the ``K`` choices.
+        noise: ``None``, ``"gaussian"`` (V-MoE, sigma = noise_std / E) or ``"jitter"`` (Switch).
+        noise_std: V-MoE ``noise_std`` (1.0 in the paper configs).
+        jitter_eps: Switch jitter ``eps`` (1e-2).
+        batch_priority: V-MoE Batch Prioritized Routing for capacity dropping.
+        capacity_rounding / capacity_multiple_of: see :func:`smoe.routing.capacity.compute_capacity`.
+        expert_bias: enable the aux-loss-free selection bias (DeepSeek-V3).
+    """
+
+    def __init__(
+        self,
+        *,
+        score_fn: str = "softmax",
+        order: str = "softmax_topk",
+        renormalize: bool = False,
+        noise: str | None = None,
+        noise_std: float = 1.0,
+        jitter_eps: float = 1e-2,
+        batch_priority: bool = False,
+        capacity_rounding: str = "ceil",
+        capacity_multiple_of: int = 1,
+        expert_bias: bool = False,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        if score_fn not in ("softmax", "sigmoid"):
+            raise ValueError(f"score_fn must be 'softmax' or 'sigmoid', got {score_fn!r}")
+        if order not in ("softmax_topk", "topk_softmax"):
+            raise ValueError(f"order must be 'softmax_topk' or 'topk_softmax', got {order!r}")
+        if noise not in (None, "gaussian", "jitter"):
+            raise ValueError(f"noise must be None, 'gaussian' or 'jitter', got {noise!r}")
+        if batch_priority and self.capacity_factor is None:
+            raise ValueError("batch_priority=True needs a capacity_factor (BPR only decides which tokens are dropped)")
+        self.score_fn, self.order, self.renormalize = score_fn, order, renormalize
+        self.noise, self.noise_std, self.jitter_eps = noise, noise_std, jitter_eps
+        self.batch_priority = batch_priority
+        self.capacity_rounding, self.capacity_multiple_of = capacity_rounding, capacity_multiple_of
+        if expert_bias:
+            # persistent: part of the checkpoint; the load counter is not
+            self.register_buffer("expert_bias_E", torch.zeros(self.num_experts), persistent=True)
+            self.register_buffer("tokens_per_expert_E", torch.zeros(self.num_experts), persistent=False)
+        else:
+            self.expert_bias_E = None
+            self.tokens_per_expert_E = None
+
+    @property
+    def couples_tokens(self) -> bool:  # type: ignore[override]
+        # capacity dropping makes a token's fate depend on the other tokens of its group
+        return self.capacity_factor is not None
+
+    def forward(self, x_TD: Tensor, ctx: RoutingContext) -> RouterOutput:
+        T, E, K = x_TD.shape[0], self.num_experts, self.top_k
+        S = ctx.group_size
+        G = T // S
+        noisy = self.training and self.noise is not None
+        if noisy and self.noise == "jitter":
+            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
+        clean_logits_TE = self.logits(x_TD)
+        logits_TE = clean_logits_TE
+        sigma = self.noise_std / E
+        if noisy and self.noise == "gaussian" and sigma > 0:
+            logits_TE = clean_logits_TE + sigma * torch.randn_like(clean_logits_TE)
+        expert_idx_TK, weight_TK, probs_TE = top_k_choice(
+            logits_TE,
+            K,
+            score_fn=self.score_fn,
+            order=self.order,
+            renormalize=self.renormalize,
+            selection_bias_E=self.expert_bias_E,
+        )
+        keep_TK = None
+        if self.capacity_factor is not None:
+            capacity = compute_capacity(
+                S, E, self.capacity_factor, K, rounding=self.capacity_rounding, multiple_of=self.capacity_multiple_of
+            )
+            # BPR priority: the token's top-1 gate (noisy in training, as in vmoe), whatever the order
+            priority_GS = probs_TE.max(dim=-1).values.view(G, S) if self.batch_priority else None
+            keep_TK = capacity_keep_mask(expert_idx_TK.view(G, S, K), capacity, E, priority_GS).view(T, K)
+        if self.training and self.tokens_per_expert_E is not None:
+            with torch.no_grad():
+                self.tokens_per_expert_E += torch.bincount(expert_idx_TK.reshape(-1), minlength=E).float()
+        plan = sparse_plan_from_topk(expert_idx_TK, weight_TK, E, keep_TK)
+        # losses use the clean probabilities for importance (vmoe) and the selection for balance
+        clean_probs_TE = probs_TE if not noisy else F.softmax(clean_logits_TE, dim=-1)
+        losses, total = self.standard_losses(
+            clean_logits_TE.view(G, S, E),
+            clean_probs_TE.view(G, S, E) if self.score_fn == "softmax" else probs_TE.view(G, S, E),
+            expert_idx_TK.view(G, S, K),
+            noisy_logits_GSE=logits_TE.view(G, S, E) if noisy and self.noise == "gaussian" else None,
+            noise_std=sigma,
+        )
+        return RouterOutput(plan=plan, losses=losses, loss=total, probs_TE=probs_TE)
