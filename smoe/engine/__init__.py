@@ -28,27 +28,6 @@ __all__ = [
 ]
 
 
-class _CastExperts:
-    """A view of :class:`Experts` with its weights cast to the autocast dtype (gradients flow to the originals)."""
-
-    def __init__(self, experts: Experts, dtype: torch.dtype) -> None:
-        self._experts = experts
-        self.num_experts = experts.num_experts
-        for name in ("w1_EFD", "w3_EFD", "w2_EDF", "b1_EF", "b2_ED"):
-            w = getattr(experts, name)
-            setattr(self, name, None if w is None else w.to(dtype))
-
-    def activate(self, h1: Tensor, h3: Tensor | None) -> Tensor:
-        return self._experts.activate(h1, h3)
-
-    def expert_forward(self, e: int, x_MD: Tensor) -> Tensor:
-        import torch.nn.functional as F
-
-        h1 = F.linear(x_MD, self.w1_EFD[e], None if self.b1_EF is None else self.b1_EF[e])
-        h3 = None if self.w3_EFD is None else F.linear(x_MD, self.w3_EFD[e])
-        return F.linear(self.activate(h1, h3), self.w2_EDF[e], None if self.b2_ED is None else self.b2_ED[e])
-
-
 def run_plan(x_RD: Tensor, plan: RoutingPlan, experts: Experts, backend: str | None = None) -> Tensor:
     """Run ``experts`` on ``x_RD`` as ``plan`` says and return the combined ``(T, D)`` output.
 
@@ -65,7 +44,7 @@ def run_plan(x_RD: Tensor, plan: RoutingPlan, experts: Experts, backend: str | N
         compute_dtype = torch.get_autocast_dtype(device_type)
         if x_RD.dtype != compute_dtype:
             x_RD = x_RD.to(compute_dtype)
-            experts = _CastExperts(experts, compute_dtype)
+            experts = experts.cast(compute_dtype)
     if isinstance(plan, SparsePlan):
         if path == "reference":
             return run_sparse_reference(x_RD, plan, experts)

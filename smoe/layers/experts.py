@@ -20,14 +20,44 @@ GELU MLP (the ViT / V-MoE expert): ``f_e(x) = w2[e] gelu(w1[e] x + b1[e]) + b2[e
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Experts", "MLP", "EXPERT_ACTIVATIONS"]
+__all__ = ["Experts", "ExpertWeights", "MLP", "EXPERT_ACTIVATIONS"]
 
 EXPERT_ACTIVATIONS = ("swiglu", "gelu")
+
+
+def _activate(activation: str, h1: Tensor, h3: Tensor | None) -> Tensor:
+    return F.silu(h1) * h3 if activation == "swiglu" else F.gelu(h1)
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    """The expert tensors the engine reads (same names as :class:`Experts`), possibly cast for autocast."""
+
+    activation: str
+    w1_EFD: Tensor
+    w3_EFD: Tensor | None
+    w2_EDF: Tensor
+    b1_EF: Tensor | None
+    b2_ED: Tensor | None
+
+    @property
+    def num_experts(self) -> int:
+        return self.w1_EFD.shape[0]
+
+    def activate(self, h1: Tensor, h3: Tensor | None) -> Tensor:
+        return _activate(self.activation, h1, h3)
+
+    def expert_forward(self, e: int, x_MD: Tensor) -> Tensor:
+        """Expert ``e`` on ``(M, D)`` rows: ``w2 act(w1 x + b1, w3 x) + b2``."""
+        h1 = F.linear(x_MD, self.w1_EFD[e], None if self.b1_EF is None else self.b1_EF[e])
+        h3 = None if self.w3_EFD is None else F.linear(x_MD, self.w3_EFD[e])
+        return F.linear(self.activate(h1, h3), self.w2_EDF[e], None if self.b2_ED is None else self.b2_ED[e])
 
 
 class Experts(nn.Module):
@@ -82,15 +112,23 @@ class Experts(nn.Module):
 
     def activate(self, h1: Tensor, h3: Tensor | None) -> Tensor:
         """The hidden nonlinearity: ``silu(h1) * h3`` (SwiGLU) or ``gelu(h1)``."""
-        return F.silu(h1) * h3 if self.activation == "swiglu" else F.gelu(h1)
+        return _activate(self.activation, h1, h3)
 
     def expert_forward(self, e: int, x_MD: Tensor) -> Tensor:
         """Reference definition of expert ``e`` on ``(M, D)`` rows -> ``(M, D)``."""
-        b1 = None if self.b1_EF is None else self.b1_EF[e]
-        h1 = F.linear(x_MD, self.w1_EFD[e], b1)
-        h3 = F.linear(x_MD, self.w3_EFD[e]) if self.w3_EFD is not None else None
-        b2 = None if self.b2_ED is None else self.b2_ED[e]
-        return F.linear(self.activate(h1, h3), self.w2_EDF[e], b2)
+        return self.cast(None).expert_forward(e, x_MD)
+
+    def cast(self, dtype: torch.dtype | None) -> ExpertWeights:
+        """The weights as plain tensors, cast to ``dtype`` (differentiably), for the engine under autocast."""
+
+        def c(w):
+            return None if w is None or dtype is None else w.to(dtype)
+
+        if dtype is None:
+            return ExpertWeights(self.activation, self.w1_EFD, self.w3_EFD, self.w2_EDF, self.b1_EF, self.b2_ED)
+        return ExpertWeights(
+            self.activation, c(self.w1_EFD), c(self.w3_EFD), c(self.w2_EDF), c(self.b1_EF), c(self.b2_ED)
+        )
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, {self.activation}"
@@ -119,5 +157,4 @@ class MLP(nn.Module):
         self.w2 = nn.Linear(hidden_dim, dim, bias=bias, **dd)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = F.silu(self.w1(x)) * self.w3(x) if self.activation == "swiglu" else F.gelu(self.w1(x))
-        return self.w2(h)
+        return self.w2(_activate(self.activation, self.w1(x), None if self.w3 is None else self.w3(x)))
