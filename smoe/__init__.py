@@ -11,6 +11,7 @@ torch.Size([4, 16, 64])
 
 from smoe.engine import BACKENDS, get_backend, run_plan, set_backend, use_backend
 from smoe.layers import MLP, Experts, MoE, MoEAux
+from smoe.models.presets import build_model, get_preset, list_presets
 from smoe.routing import (
     DensePlan,
     Router,
@@ -48,5 +49,8 @@ __all__ = [
     "set_backend",
     "get_backend",
     "use_backend",
+    "build_model",
+    "list_presets",
+    "get_preset",
     "__version__",
 ]

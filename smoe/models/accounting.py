@@ -1,0 +1,137 @@
+"""Parameter and FLOP accounting: total parameters, active parameters per token, forward FLOPs per token.
+
+Every model mixes in :class:`AccountingMixin`, whose :meth:`~AccountingMixin.accounting` returns one dict::
+
+    {"num_parameters":        every parameter, counted once (tied weights once),
+     "num_active_parameters": parameters one token uses in a forward pass,
+     "flops_per_token":       forward FLOPs per token,
+     "tokens_per_sample":     tokens of one sample (LM: seq_len; ViT: tokens per image; VAE: 1 = the image),
+     "flops_per_sample":      flops_per_token * tokens_per_sample}
+
+``num_parameters()``, ``num_active_parameters()`` and ``flops_per_token()`` are shortcuts to the same numbers.
+Everything is computed from parameter shapes, so it works on the meta device (paper-sized presets).
+
+Conventions (stated, because papers differ):
+
+* **Active parameters** = all parameters minus, in each MoE layer, the routed experts a token does not use:
+  ``total - sum_layers expert_params * (1 - k / E)``. Embedding tables count in full (as Mixtral and DeepSeek
+  report; Kaplan et al. 2020 exclude them). ``k`` is the *nominal* number of experts per token: ``top_k`` for
+  token choice (capacity drops make the real number smaller), the capacity factor for expert choice (each expert
+  takes ``cf * S / E`` of ``S`` tokens), or the router's own ``experts_per_token`` attribute when it has one.
+* **FLOPs** count multiply-adds of matrix products as 2 FLOPs: ``2 * weights`` for every linear layer a token
+  passes through (attention projections, dense MLPs, router gates = router parameters with >= 2 dims, ``k``
+  experts, shared experts, the output head even when tied), plus ``4 * context * D`` per attention layer for the
+  ``QK^T`` and ``PV`` products over the full context (no halving for causal masks, as Kaplan et al. 2020 and
+  PaLM count). Norms, biases, softmax, activations, embedding lookups and routing sorts are not counted. This is
+  exactly what :class:`torch.utils.flop_counter.FlopCounterMode` measures on the reference engine and the manual
+  attention path (tested).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from smoe.layers import MLP, MoE
+
+__all__ = [
+    "AccountingMixin",
+    "experts_per_token",
+    "moe_inactive_parameters",
+    "transformer_flops_per_token",
+    "linear_weight_count",
+]
+
+
+def experts_per_token(moe: MoE) -> float:
+    """Nominal experts one token uses in ``moe`` (see the module docstring)."""
+    router = moe.router
+    value = getattr(router, "experts_per_token", None)
+    if value is not None:
+        return float(value() if callable(value) else value)
+    if getattr(router, "registry_name", None) == "expert_choice":
+        cf = getattr(router, "capacity_factor", None)
+        return float(cf if cf is not None else moe.top_k)
+    return float(moe.top_k)
+
+
+def _expert_weights_per_expert(moe: MoE) -> int:
+    ex = moe.experts
+    weights = (ex.w1_EFD, ex.w3_EFD, ex.w2_EDF)
+    return sum(w.numel() for w in weights if w is not None) // ex.num_experts
+
+
+def moe_inactive_parameters(moe: MoE) -> float:
+    """Routed-expert parameters of ``moe`` that one token does not use: ``expert_params * (1 - k / E)``."""
+    expert_params = sum(p.numel() for p in moe.experts.parameters())
+    return expert_params * (1.0 - min(experts_per_token(moe), moe.num_experts) / moe.num_experts)
+
+
+def linear_weight_count(module: nn.Module) -> int:
+    """Weights of the ``nn.Linear`` layers inside ``module`` (each counted once)."""
+    seen = {id(m.weight): m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear)}
+    return sum(seen.values())
+
+
+def _moe_flops_per_token(moe: MoE) -> float:
+    router_weights = sum(p.numel() for p in moe.router.parameters() if p.dim() >= 2)
+    flops = 2 * router_weights + 2 * experts_per_token(moe) * _expert_weights_per_expert(moe)
+    if moe.shared_expert is not None:
+        flops += 2 * linear_weight_count(moe.shared_expert)
+    return flops
+
+
+def transformer_flops_per_token(trunk: nn.Module, *, context_len: int) -> float:
+    """Forward FLOPs per token of a :class:`~smoe.models.block.Transformer` trunk.
+
+    Args:
+        trunk: the stack of blocks.
+        context_len: keys each query attends to (the LM's ``seq_len``, the ViT's tokens per image).
+    """
+    flops = 0.0
+    for block in trunk.blocks:
+        attn = block.attn
+        flops += 2 * linear_weight_count(attn) + 4 * context_len * attn.dim
+        if isinstance(block.ffn, MoE):
+            flops += _moe_flops_per_token(block.ffn)
+        elif isinstance(block.ffn, MLP):
+            flops += 2 * linear_weight_count(block.ffn)
+        else:  # pragma: no cover - blocks hold an MLP or an MoE
+            raise ValueError(f"cannot count FLOPs of a {type(block.ffn).__name__} feed-forward")
+    return flops
+
+
+def _as_number(x: float) -> int | float:
+    return int(round(x)) if abs(x - round(x)) < 1e-6 else x
+
+
+class AccountingMixin:
+    """Adds :meth:`accounting` (and three shortcuts) to a model that implements ``_accounting()``.
+
+    ``_accounting()`` returns at least ``flops_per_token`` and ``tokens_per_sample``; it may also return
+    ``num_active_parameters`` to replace the default rule (the SMoE-VAE does).
+    """
+
+    def accounting(self) -> dict[str, int | float]:
+        """Parameter and FLOP counts (see the module docstring for the conventions)."""
+        params = {id(p): p.numel() for p in self.parameters()}  # tied weights once
+        total = sum(params.values())
+        inactive = sum(moe_inactive_parameters(m) for m in self.modules() if isinstance(m, MoE))
+        out: dict[str, float] = {"num_parameters": total, "num_active_parameters": total - inactive}
+        out.update(self._accounting())
+        out["flops_per_sample"] = out["flops_per_token"] * out["tokens_per_sample"]
+        return {k: _as_number(v) for k, v in out.items()}
+
+    def num_parameters(self) -> int:
+        """All parameters, tied ones counted once."""
+        return self.accounting()["num_parameters"]
+
+    def num_active_parameters(self) -> int | float:
+        """Parameters one token uses in a forward pass."""
+        return self.accounting()["num_active_parameters"]
+
+    def flops_per_token(self) -> int | float:
+        """Forward FLOPs per token."""
+        return self.accounting()["flops_per_token"]
+
+    def _accounting(self) -> dict[str, float]:  # pragma: no cover - implemented by each model
+        raise NotImplementedError

@@ -1,0 +1,297 @@
+"""The transformer block every model shares, and the trunk (a stack of blocks) that collects MoE side outputs.
+
+Shape legend: ``B`` batch, ``L`` sequence length (tokens per image for vision), ``D`` width, ``H`` heads.
+
+A block is pre-norm (GPT-2, ViT, V-MoE ``x + MoE(LN(x))``, reference §3.1.5)::
+
+    h = x + drop(attn(norm1(x)))
+    f = drop(ffn(norm2(h)))          # ffn is a dense smoe.MLP or an smoe.MoE (constructor injection)
+    x = h + f                        # or the MomentumSMoE update (smoe.models.momentum)
+
+When the MoE's router asks for the attention probabilities (``router.needs_attention_probs``, or the registry name
+``"attention_aware"``), the block runs its attention on the manual path and hands ``probs_BHLL`` to
+``moe(x, attn_probs=...)``; nothing is kept in global state. Token ids (hash routing) are passed the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from smoe.layers import MLP, MoE, MoEAux
+from smoe.models.attention import SelfAttention
+from smoe.models.config import MoEConfig, MomentumConfig, moe_layer_indices
+from smoe.models.momentum import Momentum, MomentumState
+
+__all__ = ["Block", "Transformer", "build_transformer", "router_needs_attention_probs", "sum_aux_losses", "moe_metrics"]
+
+
+def router_needs_attention_probs(router: nn.Module) -> bool:
+    """Whether a router reads ``ctx.attn_probs`` (attribute ``needs_attention_probs`` or name ``attention_aware``)."""
+    return bool(getattr(router, "needs_attention_probs", False)) or (
+        getattr(router, "registry_name", None) == "attention_aware"
+    )
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with a dense or MoE feed-forward.
+
+    Args:
+        attn: the self-attention module.
+        ffn: a dense :class:`smoe.MLP` or an :class:`smoe.MoE`.
+        dim: model width ``D`` (for the norms).
+        bias: LayerNorm biases.
+        dropout: residual dropout on the attention and FFN outputs.
+        norm_eps: LayerNorm epsilon.
+        post_norm: a LayerNorm after the update (MomentumSMoE V-MoE code, reference §7.5-7.6).
+    """
+
+    def __init__(
+        self,
+        *,
+        attn: SelfAttention,
+        ffn: nn.Module,
+        dim: int,
+        bias: bool = False,
+        dropout: float = 0.0,
+        norm_eps: float = 1e-5,
+        post_norm: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps, bias=bias, **dd)
+        self.attn = attn
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps, bias=bias, **dd)
+        self.ffn = ffn
+        self.drop = nn.Dropout(dropout)
+        self.post_norm = nn.LayerNorm(dim, eps=norm_eps, bias=bias, **dd) if post_norm else nn.Identity()
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.ffn, MoE)
+
+    @property
+    def needs_attn_probs(self) -> bool:
+        return self.is_moe and router_needs_attention_probs(self.ffn.router)
+
+    def forward(
+        self,
+        x_BLD: Tensor,
+        *,
+        token_ids_BL: Tensor | None = None,
+        momentum: Momentum | None = None,
+        state: MomentumState | None = None,
+    ) -> tuple[Tensor, MoEAux | None]:
+        """One block.
+
+        Args:
+            x_BLD: ``(B, L, D)``.
+            token_ids_BL: input token ids for hash routing (MoE blocks only), or ``None``.
+            momentum: the trunk's momentum rule, or ``None`` for the plain residual.
+            state: the momentum state of this forward pass (required with ``momentum``).
+
+        Returns:
+            ``(x_BLD, aux)``; ``aux`` is the MoE layer's :class:`~smoe.layers.moe.MoEAux` or ``None`` (dense).
+        """
+        a_BLD, probs_BHLL = self.attn(self.norm1(x_BLD), need_probs=self.needs_attn_probs)
+        h_BLD = x_BLD + self.drop(a_BLD)
+        y_BLD = self.norm2(h_BLD)
+        if momentum is not None:
+            y_BLD = momentum.lookahead(y_BLD, state)
+        aux = None
+        if self.is_moe:
+            f_BLD, aux = self.ffn(y_BLD, token_ids=token_ids_BL, attn_probs=probs_BHLL)
+        else:
+            f_BLD = self.ffn(y_BLD)
+        f_BLD = self.drop(f_BLD)
+        out_BLD = h_BLD + f_BLD if momentum is None else momentum.step(h_BLD, f_BLD, state, is_moe=self.is_moe)
+        return self.post_norm(out_BLD), aux
+
+
+class Transformer(nn.Module):
+    """A stack of blocks run in order, carrying the momentum state and collecting each MoE layer's aux.
+
+    Args:
+        blocks: the blocks.
+        momentum: the momentum rule shared by all blocks, or ``None``.
+    """
+
+    def __init__(self, blocks: list[Block], momentum: Momentum | None = None) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.momentum = momentum
+        self._eval_capacity: tuple[float | None, bool | None] | None = None
+        self._train_capacity = [self._capacity_of(m) for m in self.moe_layers()]
+
+    def moe_layers(self) -> list[MoE]:
+        """The MoE layers, in depth order."""
+        return [b.ffn for b in self.blocks if b.is_moe]
+
+    def forward(self, x_BLD: Tensor, *, token_ids_BL: Tensor | None = None) -> tuple[Tensor, list[MoEAux]]:
+        """Run the blocks; returns ``(x_BLD, [MoEAux per MoE layer, in depth order])``."""
+        state = MomentumState() if self.momentum is not None else None  # reset every forward pass
+        auxes: list[MoEAux] = []
+        for block in self.blocks:
+            x_BLD, aux = block(x_BLD, token_ids_BL=token_ids_BL, momentum=self.momentum, state=state)
+            if aux is not None:
+                auxes.append(aux)
+        return x_BLD, auxes
+
+    # -- evaluation capacity (V-MoE: larger cf at eval, or cf < 1 with BPR for adaptive compute, §3.1.3) --------
+
+    @staticmethod
+    def _capacity_of(moe: MoE) -> tuple[float | None, bool | None]:
+        router = moe.router
+        return getattr(router, "capacity_factor", None), getattr(router, "batch_priority", None)
+
+    def set_eval_capacity(self, capacity_factor: float | None, batch_priority: bool | None = None) -> None:
+        """Use this capacity factor (and BPR setting) in ``eval()`` mode; training keeps its own.
+
+        Args:
+            capacity_factor: ``None`` (dropless) or ``> 0``.
+            batch_priority: Batch Prioritized Routing at evaluation; ``None`` keeps the training setting.
+        """
+        if capacity_factor is not None and not (isinstance(capacity_factor, int | float) and capacity_factor > 0):
+            raise ValueError(f"capacity_factor must be None (dropless) or > 0, got {capacity_factor!r}")
+        if batch_priority and capacity_factor is None:
+            raise ValueError("batch_priority=True needs a capacity_factor (BPR only decides which tokens are dropped)")
+        for moe in self.moe_layers():
+            router = moe.router
+            if not hasattr(router, "capacity_factor") or (
+                batch_priority is not None and not hasattr(router, "batch_priority")
+            ):
+                name = getattr(router, "registry_name", type(router).__name__)
+                what = "capacity_factor" if not hasattr(router, "capacity_factor") else "batch_priority"
+                raise ValueError(f"router {name!r} has no {what} to change at evaluation")
+        previous, self._eval_capacity = self._eval_capacity, (capacity_factor, batch_priority)
+        try:
+            self._apply_capacity(training=False)  # refuse a leaking evaluation setting now, not at model.eval()
+        except ValueError:
+            self._eval_capacity = previous
+            raise
+        finally:
+            self._apply_capacity()
+
+    def train(self, mode: bool = True) -> Transformer:
+        super().train(mode)
+        self._apply_capacity()
+        return self
+
+    def _apply_capacity(self, training: bool | None = None) -> None:
+        training = self.training if training is None else training
+        for moe, (train_cf, train_bp) in zip(self.moe_layers(), self._train_capacity, strict=True):
+            cf, bp = train_cf, train_bp
+            if not training and self._eval_capacity is not None:
+                cf = self._eval_capacity[0]
+                bp = train_bp if self._eval_capacity[1] is None else self._eval_capacity[1]
+            if hasattr(moe.router, "capacity_factor"):
+                moe.router.capacity_factor = cf
+                moe.capacity_factor = cf
+            if bp is not None and hasattr(moe.router, "batch_priority"):
+                moe.router.batch_priority = bool(bp) and cf is not None
+            moe.check_causal_safety()  # a capacity at eval can make a causal model leak: refuse it
+
+
+def build_transformer(
+    *,
+    dim: int,
+    depth: int,
+    num_heads: int,
+    mlp_hidden_dim: int,
+    mlp_activation: str,
+    bias: bool,
+    causal: bool,
+    moe: MoEConfig,
+    momentum: MomentumConfig,
+    dropout: float = 0.0,
+    norm_eps: float = 1e-5,
+    group_size: int | None = None,
+    device=None,
+    dtype=None,
+) -> Transformer:
+    """Wire a trunk of ``depth`` blocks, MoE where ``moe`` places them (:func:`~smoe.models.config.moe_layer_indices`).
+
+    Args:
+        dim, depth, num_heads, mlp_hidden_dim, mlp_activation, bias, dropout, norm_eps: trunk shape.
+        causal: decoder (causal attention, and MoE layers built with ``causal=True``).
+        moe: the MoE settings.
+        momentum: the momentum settings.
+        group_size: routing group size chosen by the model (V-MoE images per group), overriding ``moe.group_size``.
+
+    ``moe.eval_capacity_factor`` / ``moe.eval_batch_priority`` are installed with
+    :meth:`Transformer.set_eval_capacity` (they apply in ``eval()`` mode only).
+    """
+    dd = {"device": device, "dtype": dtype}
+    moe_idx = set(moe_layer_indices(depth, moe))
+    activation = moe.expert_activation or mlp_activation
+    expert_bias = bias if moe.expert_bias is None else moe.expert_bias
+    blocks = []
+    for i in range(depth):
+        if i in moe_idx:
+            ffn: nn.Module = MoE(
+                dim,
+                moe.hidden_dim or mlp_hidden_dim,
+                moe.num_experts,
+                moe.top_k,
+                moe.router,
+                moe.capacity_factor,
+                expert=activation,
+                expert_bias=expert_bias and activation == "gelu",
+                shared_expert_hidden_dim=moe.shared_expert_hidden_dim,
+                group_mode=moe.group_mode,
+                group_size=group_size if group_size is not None else moe.group_size,
+                causal=causal,
+                allow_token_coupling=moe.allow_token_coupling,
+                backend=moe.backend,
+                router_kwargs=dict(moe.router_kwargs),
+                check_inputs=moe.check_inputs,
+                **dd,
+            )
+        else:
+            ffn = MLP(dim, mlp_hidden_dim, activation=mlp_activation, bias=bias and mlp_activation == "gelu", **dd)
+        attn = SelfAttention(dim, num_heads, causal=causal, bias=bias, **dd)
+        blocks.append(
+            Block(
+                attn=attn,
+                ffn=ffn,
+                dim=dim,
+                bias=bias,
+                dropout=dropout,
+                norm_eps=norm_eps,
+                post_norm=momentum.post_norm and momentum.kind is not None,
+                **dd,
+            )
+        )
+    trunk = Transformer(blocks, Momentum(momentum) if momentum.kind is not None else None)
+    if moe_idx and (moe.eval_capacity_factor is not None or moe.eval_batch_priority is not None):
+        cf = moe.eval_capacity_factor if moe.eval_capacity_factor is not None else moe.capacity_factor
+        trunk.set_eval_capacity(cf, moe.eval_batch_priority)
+    return trunk
+
+
+def sum_aux_losses(auxes: list[MoEAux], like: Tensor) -> Tensor:
+    """``aux_loss`` of a model: the sum of its MoE layers' weighted auxiliary losses (zero if there are none)."""
+    total = like.new_zeros((), dtype=torch.float32)
+    for aux in auxes:
+        total = total + aux.loss
+    return total
+
+
+def moe_metrics(auxes: list[MoEAux]) -> dict[str, Tensor]:
+    """Model-level routing metrics summed over the MoE layers (per-layer values stay in ``ModelOutput.moe_aux``).
+
+    ``moe_tokens_processed``: token-layer pairs that reached at least one expert (``MoEAux.stats
+    ["tokens_processed"]`` summed over layers); ``moe_tokens_total``: token-layer pairs that entered an MoE layer;
+    ``moe_processed_fraction``: their ratio.
+    """
+    if not auxes:
+        return {}
+    processed = sum(aux.stats["tokens_processed"].float() for aux in auxes)
+    total = sum(float(aux.plan.num_tokens) for aux in auxes if aux.plan is not None)
+    metrics = {"moe_tokens_processed": processed}
+    if total:
+        metrics["moe_tokens_total"] = torch.tensor(total, device=processed.device)
+        metrics["moe_processed_fraction"] = processed / total
+    return metrics
