@@ -1,0 +1,1 @@
+"""The ``smoe`` command line (see :mod:`smoe.cli.main`)."""

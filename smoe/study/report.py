@@ -1,0 +1,363 @@
+"""The study's leaderboard, markdown report and matplotlib plots.
+
+Columns: quality (validation loss and bits per byte for a language model; accuracy for vision), balance (load
+coefficient of variation, max/mean load, dropped-assignment rate, dead experts), routing entropy, training
+throughput (tokens routed per second), total and active parameters. Rows are ranked by quality: lowest validation
+loss for a language model, highest accuracy for vision. Each number is the mean over seeds; with several seeds the
+quality column also gives the standard deviation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+
+from smoe.train.checkpoint import atomic_write_text
+
+__all__ = ["leaderboard_rows", "format_leaderboard", "leaderboard_markdown", "write_report", "plot_all"]
+
+_AVG_KEYS = (
+    "loss",
+    "ppl",
+    "bpb",
+    "accuracy",
+    "load_cv",
+    "max_load",
+    "drop_rate",
+    "dead_experts",
+    "unrouted",
+    "entropy",
+    "tokens_per_s",
+    "num_parameters",
+    "num_active_parameters",
+    "train_time",
+)
+
+
+def leaderboard_rows(runs, task: str) -> list[dict]:
+    """One row per router (means over its successful seeds), ranked by quality; failed routers last."""
+    by_name: dict[str, list] = {}
+    for r in runs:
+        by_name.setdefault(r.variant.name, []).append(r)
+    rows = []
+    for name, group in by_name.items():
+        ok = [r for r in group if r.error is None]
+        row: dict = {"router": name, "seeds": len(ok), "group_mode": group[0].group_mode}
+        if not ok:
+            row["error"] = group[0].error
+            rows.append(row)
+            continue
+        for key in _AVG_KEYS:
+            values = [r.final[key] for r in ok if key in r.final]
+            if values:
+                row[key] = sum(values) / len(values)
+        quality = "accuracy" if task == "vision" else "loss"
+        values = [r.final[quality] for r in ok]
+        row[f"{quality}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        rows.append(row)
+    good = [r for r in rows if "error" not in r]
+    good.sort(key=lambda r: -r["accuracy"] if task == "vision" else r["loss"])
+    for i, r in enumerate(good, 1):
+        r["rank"] = i
+    return good + [r for r in rows if "error" in r]
+
+
+def _columns(task: str, seeds: int) -> list[tuple[str, str, str]]:
+    """(header, key, format) of the leaderboard columns."""
+    pm = seeds > 1
+    if task == "vision":
+        quality = [("accuracy", "accuracy", "pct_std" if pm else "pct"), ("val loss", "loss", ".4f")]
+    else:
+        quality = [("val loss", "loss", ".4f_std" if pm else ".4f"), ("ppl", "ppl", ".2f"), ("bits/byte", "bpb", ".4f")]
+    return [
+        ("#", "rank", "d"),
+        ("router", "router", "s"),
+        *quality,
+        ("load CV", "load_cv", ".3f"),
+        ("max/mean", "max_load", ".2f"),
+        ("dropped", "drop_rate", "pct"),
+        ("dead", "dead_experts", ".0f"),
+        ("entropy", "entropy", ".3f"),
+        ("tokens/s", "tokens_per_s", ",.0f"),
+        ("params", "num_parameters", "M"),
+        ("active", "num_active_parameters", "M"),
+    ]
+
+
+def _fmt(row: dict, key: str, fmt: str, task: str) -> str:
+    if key not in row:
+        return "FAILED" if key == "loss" or (key == "accuracy" and task == "vision") else "-"
+    v = row[key]
+    if fmt == "s":
+        return str(v)
+    if fmt == "d":
+        return str(int(v))
+    if isinstance(v, float) and math.isnan(v):
+        return "n/a"
+    if fmt == "pct":
+        return f"{100 * v:.1f}%"
+    if fmt == "pct_std":
+        return f"{100 * v:.1f}% ± {100 * row.get('accuracy_std', 0.0):.1f}"
+    if fmt == ".4f_std":
+        return f"{v:.4f} ± {row.get('loss_std', 0.0):.4f}"
+    if fmt == "M":
+        return f"{v / 1e6:.2f}M" if v >= 1e6 else f"{v / 1e3:.1f}K"
+    return format(v, fmt)
+
+
+def _table(rows: list[dict], task: str) -> tuple[list[str], list[list[str]]]:
+    seeds = max((r.get("seeds", 1) for r in rows), default=1)
+    cols = _columns(task, seeds)
+    body = [
+        [_fmt(r, key, fmt, task) if not (key == "rank" and "rank" not in r) else "-" for _, key, fmt in cols]
+        for r in rows
+    ]
+    return [h for h, _, _ in cols], body
+
+
+def format_leaderboard(rows: list[dict], task: str) -> str:
+    """Fixed-width text table for the terminal."""
+    head, body = _table(rows, task)
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(c.rjust(w) if i != 1 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths]), *(line(b) for b in body)])
+
+
+def leaderboard_markdown(rows: list[dict], task: str) -> str:
+    """GitHub markdown table."""
+    head, body = _table(rows, task)
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i == 1 else "---:" for i in range(len(head))) + "|"]
+    out += ["| " + " | ".join(b) + " |" for b in body]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------------- plots
+
+
+def _ema(values: list[float], alpha: float = 0.1) -> list[float]:
+    out, m = [], None
+    for v in values:
+        m = v if m is None else (1 - alpha) * m + alpha * v
+        out.append(m)
+    return out
+
+
+def plot_all(result, out_dir) -> dict:
+    """Write ``curves.png``, ``expert_load.png`` and ``tradeoff.png``; returns their paths by name."""
+    import matplotlib  # noqa: PLC0415 - optional dependency, imported only when plotting
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    files = {}
+    ok = [r for r in result.runs if r.error is None]
+    names = list(dict.fromkeys(r.variant.name for r in ok))
+    colors = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
+
+    # 1. validation curves and smoothed training loss
+    fig, (ax_val, ax_tr) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in ok:
+        label = r.variant.name if r.seed == ok[0].seed or result.config.seeds == 1 else None
+        if r.curve:
+            ax_val.plot(*zip(*r.curve), marker="o", ms=3, color=colors[r.variant.name], label=label)
+        if r.train_curve:
+            steps, losses = zip(*r.train_curve)
+            ax_tr.plot(steps, _ema(list(losses)), color=colors[r.variant.name], label=label, lw=1.2)
+    ax_val.set(title="validation loss", xlabel="step", ylabel="loss (nats/token)" if result.task == "lm" else "loss")
+    ax_tr.set(title="training loss (EMA 0.1)", xlabel="step")
+    for ax in (ax_val, ax_tr):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    files["curves"] = out_dir / "curves.png"
+    fig.savefig(files["curves"], dpi=110)
+    plt.close(fig)
+
+    # 2. expert-load heatmaps: rows = MoE layers, columns = experts, colour = share of tokens x E (1 = fair share)
+    first = {}
+    for r in ok:
+        first.setdefault(r.variant.name, r)
+    n = max(1, len(first))
+    cols = min(3, n)
+    rows_n = math.ceil(n / cols)
+    fig, axes = plt.subplots(
+        rows_n, cols, figsize=(4.2 * cols, 2.4 * rows_n + 0.8), squeeze=False, layout="constrained"
+    )
+    vmax = 1.0
+    loads = {}
+    for name, r in first.items():
+        layers = r.final.get("layers", [])
+        grid = [[share * len(layer["load"]) for share in layer["load"]] for layer in layers]
+        loads[name] = grid
+        vmax = max([vmax] + [max(row) for row in grid if row])
+    image = None
+    for ax, (name, grid) in zip(axes.flat, loads.items()):
+        if grid:
+            image = ax.imshow(grid, cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto", interpolation="nearest")
+            ax.set_yticks(range(len(grid)))
+            ax.set_xticks(range(len(grid[0])))
+        ax.set(title=name, xlabel="expert", ylabel="MoE layer")
+    for ax in list(axes.flat)[len(loads) :]:
+        ax.axis("off")
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), label="tokens / fair share")
+    fig.suptitle(f"expert load at the final evaluation (seed {ok[0].seed if ok else 0})")
+    files["expert_load"] = out_dir / "expert_load.png"
+    fig.savefig(files["expert_load"], dpi=110)
+    plt.close(fig)
+
+    # 3. quality vs balance
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    key = "accuracy" if result.task == "vision" else "loss"
+    for row in result.leaderboard:
+        if "error" in row:
+            continue
+        ax.scatter(row["load_cv"], row[key], color=colors.get(row["router"]), s=40)
+        ax.annotate(row["router"], (row["load_cv"], row[key]), fontsize=8, xytext=(4, 3), textcoords="offset points")
+    ax.set(
+        xlabel="load coefficient of variation (lower = more balanced)",
+        ylabel="validation accuracy" if key == "accuracy" else "validation loss",
+        title="quality vs. balance",
+    )
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    files["tradeoff"] = out_dir / "tradeoff.png"
+    fig.savefig(files["tradeoff"], dpi=110)
+    plt.close(fig)
+    return files
+
+
+# --------------------------------------------------------------------------------------------------- report
+
+
+def _layer_table(result) -> list[str]:
+    lines = [
+        "| router | layer | load CV | max/mean | dropped | dead | entropy |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    seen = set()
+    for r in result.runs:
+        if r.error is not None or r.variant.name in seen:
+            continue
+        seen.add(r.variant.name)
+        for i, layer in enumerate(r.final.get("layers", [])):
+            lines.append(
+                f"| {r.variant.name} | {i} | {layer['load_cv']:.3f} | {layer['max_load']:.2f} | "
+                f"{100 * layer['drop_rate']:.1f}% | {int(layer['dead_experts'])} | {layer['entropy']:.3f} |"
+            )
+    return lines
+
+
+def write_report(result) -> dict:
+    """Write ``report.md``, ``leaderboard.json``, ``results.json`` and the plots; returns the paths by name."""
+    out = result.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict = {}
+    plot_note = ""
+    try:
+        files.update(plot_all(result, out))
+    except ImportError:
+        plot_note = "\n_Plots skipped: matplotlib is not installed (`pip install matplotlib`)._\n"
+    b, task = result.base, result.task
+    quality = "validation accuracy (higher is better)" if task == "vision" else "validation loss (lower is better)"
+    lm_line = f", sequence length {result.data_info.get('seq_len')}" if task == "lm" else ""
+    moe = b.model.moe
+    lines = [
+        "# smoe router study",
+        "",
+        f"{time.strftime('%Y-%m-%d %H:%M')} · task `{task}` · preset `{result.preset}` · "
+        f"data `{result.data_info['dataset']}`"
+        f" · {len(result.leaderboard)} routers × {result.config.seeds} seed(s) · wall time {result.wall_time:.0f} s",
+        "",
+        f"Same budget for every router: {b.train.steps} steps of {b.train.batch_size} "
+        f"{'sequences' if task == 'lm' else 'images'}{lm_line}; {moe.num_experts} experts, top-{moe.top_k}, "
+        f"AdamW lr {b.train.lr:g} (warm-up {b.train.warmup_steps}, cosine to {b.train.min_lr_ratio:g}×). "
+        f"Ranked by {quality}; metrics from the final evaluation on the validation split "
+        f"({b.train.eval_batches or 'all'} batches).",
+        "",
+        "## Leaderboard",
+        "",
+        leaderboard_markdown(result.leaderboard, task),
+        "",
+        "Balance columns: load CV = std/mean of tokens per expert (0 = perfectly balanced); max/mean = busiest expert "
+        "over a fair share; dropped = assignments dropped by capacity; dead = experts that got no token (summed over "
+        "layers); entropy = mean per-token router entropy in nats (ln E = uniform). tokens/s = median per-step rate "
+        "of tokens routed per second of training on this machine (noisy on a shared machine: compare it within one "
+        "study only). Active parameters count the experts one token uses (top-k of E).",
+        "",
+        "## Routers",
+        "",
+    ]
+    for row in result.leaderboard:
+        run = next(r for r in result.runs if r.variant.name == row["router"])
+        extra = f" (routing groups: `{run.group_mode}`)" if run.group_mode != "batch" else ""
+        lines.append(f"- `{row['router']}`: {run.variant.description}{extra}.")
+        if "error" in row:
+            lines.append(f"  - **failed**: `{row['error']}`")
+    lines += ["", "## Plots", plot_note]
+    for name, title in (
+        ("curves", "Learning curves"),
+        ("expert_load", "Expert load per layer"),
+        ("tradeoff", "Quality vs. balance"),
+    ):
+        if name in files:
+            lines += [f"### {title}", "", f"![{title}]({files[name].name})", ""]
+    lines += [
+        "## Per-layer routing diagnostics (first seed)",
+        "",
+        *_layer_table(result),
+        "",
+        "## Reproduce",
+        "",
+        "```",
+        _command(result),
+        "```",
+        "",
+        "Every run folder under `runs/` holds its resolved `config.json`, `metrics.jsonl` and a checkpoint "
+        "(`smoe eval <run folder>`).",
+        "",
+    ]
+    files["report"] = out / "report.md"
+    atomic_write_text(files["report"], "\n".join(lines))
+    files["leaderboard"] = out / "leaderboard.json"
+    atomic_write_text(files["leaderboard"], json.dumps(result.leaderboard, indent=1))
+    files["results"] = out / "results.json"
+    atomic_write_text(files["results"], json.dumps(_results_json(result), indent=1))
+    return files
+
+
+def _command(result) -> str:
+    c = result.config
+    parts = ["smoe study", f"--task {c.task}"]
+    if c.quick:
+        parts.append("--quick")
+    parts.append(f"--preset {result.preset}")
+    parts.append("--routers " + ",".join(dict.fromkeys(r.variant.name for r in result.runs)))
+    if c.seeds != 1:
+        parts.append(f"--seeds {c.seeds}")
+    parts += [f"--set {k}={v}" for k, v in c.overrides.items()]
+    return " ".join(parts)
+
+
+def _results_json(result) -> dict:
+    return {
+        "task": result.task,
+        "preset": result.preset,
+        "data": result.data_info,
+        "wall_time": result.wall_time,
+        "command": _command(result),
+        "runs": [
+            {
+                "router": r.variant.name,
+                "seed": r.seed,
+                "run_dir": str(r.run_dir),
+                "group_mode": r.group_mode,
+                "error": r.error,
+                "final": r.final,
+                "validation_curve": r.curve,
+            }
+            for r in result.runs
+        ],
+    }

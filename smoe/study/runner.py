@@ -1,0 +1,214 @@
+"""``run_study``: train one model with each routing method under the same budget, then rank them.
+
+Same budget means: the same base preset (same experts, ``top_k`` and hence the same active parameters), the same
+optimizer steps, batch size and sequence length (the same tokens), the same data order for a given seed, and the
+same learning-rate schedule. Only the routing changes (:mod:`smoe.study.variants`). With ``seeds > 1`` every router
+runs once per seed and the leaderboard reports means (and the spread of the quality metric).
+
+Output folder (``runs/study-<timestamp>/`` by default)::
+
+    report.md            leaderboard, setup, per-layer diagnostics, plots
+    leaderboard.json     the rows of the leaderboard
+    results.json         every run's final metrics and curves
+    curves.png           validation loss (and smoothed training loss) per router
+    expert_load.png      per-layer expert-load heatmaps per router
+    tradeoff.png         quality vs. load balance
+    runs/<router>-seed<s>/   a complete run folder each (config.json, metrics.jsonl, checkpoint): `smoe eval` works
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from smoe.data import build_data
+from smoe.study.variants import StudyVariant, resolve_variants, variant_overrides
+from smoe.train.config import TrainConfig
+from smoe.train.run import RunConfig, fit_model_to_data, resolve_run_config, write_run_config
+from smoe.train.trainer import Trainer
+
+__all__ = ["StudyConfig", "StudyRun", "StudyResult", "run_study", "study_budget", "STUDY_TASKS"]
+
+STUDY_TASKS = ("lm", "vision")
+
+#: default presets: (task, quick) -> preset
+DEFAULT_PRESETS = {
+    ("lm", False): "lm_small",
+    ("lm", True): "lm_debug",
+    ("vision", False): "vit_small",
+    ("vision", True): "vit_debug",
+}
+
+
+def study_budget(task: str, quick: bool) -> TrainConfig:
+    """The default training budget of a study (tuned so the default study takes ~10 minutes on 2 CPU cores and
+    ``--quick`` well under 2 minutes; every field can be changed with ``--set train.FIELD=VALUE``)."""
+    if task == "lm":
+        if quick:
+            return TrainConfig(steps=60, batch_size=8, lr=3e-3, warmup_steps=6, eval_every=20, eval_batches=4)
+        return TrainConfig(steps=300, batch_size=16, lr=3e-3, warmup_steps=30, eval_every=50, eval_batches=16)
+    if quick:
+        return TrainConfig(steps=60, batch_size=16, lr=3e-3, warmup_steps=6, eval_every=20, eval_batches=4)
+    return TrainConfig(steps=300, batch_size=64, lr=2e-3, warmup_steps=30, eval_every=50, eval_batches=16)
+
+
+@dataclass(kw_only=True)
+class StudyConfig:
+    """What a study compares and on what.
+
+    Attributes:
+        task: ``"lm"`` (default; Shakespeare, byte-level) or ``"vision"`` (Fashion-MNIST).
+        preset: base model preset; ``None`` picks ``lm_small``/``vit_small`` (``lm_debug``/``vit_debug`` when quick).
+        routers: router or variant names; ``None`` for the default set (:data:`~smoe.study.variants.DEFAULT_ROUTERS`).
+        seeds: runs per router (seeds ``train.seed, train.seed + 1, ...``).
+        quick: the small smoke-test budget and debug preset.
+        overrides: dotted overrides (``moe.num_experts``, ``train.steps``, ``data.dataset``, ...).
+        out_dir: output folder (``None``: ``runs/study-<timestamp>``).
+        progress: progress bars.
+    """
+
+    task: str = "lm"
+    preset: str | None = None
+    routers: list[str] | None = None
+    seeds: int = 1
+    quick: bool = False
+    overrides: dict[str, str] = field(default_factory=dict)
+    out_dir: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.task not in STUDY_TASKS:
+            raise ValueError(f"study task must be one of {STUDY_TASKS}, got {self.task!r}")
+        if not isinstance(self.seeds, int) or self.seeds < 1:
+            raise ValueError(f"seeds must be a positive integer, got {self.seeds!r}")
+
+
+@dataclass(kw_only=True)
+class StudyRun:
+    """One trained (router, seed) pair."""
+
+    variant: StudyVariant
+    seed: int
+    run_dir: pathlib.Path
+    final: dict = field(default_factory=dict)  # final validation metrics + throughput + parameter counts
+    curve: list[tuple[int, float]] = field(default_factory=list)  # validation (step, loss)
+    train_curve: list[tuple[int, float]] = field(default_factory=list)  # training (step, loss)
+    group_mode: str = "batch"
+    error: str | None = None
+
+
+@dataclass(kw_only=True)
+class StudyResult:
+    """Everything a study produced."""
+
+    config: StudyConfig
+    preset: str
+    task: str
+    base: RunConfig
+    data_info: dict
+    runs: list[StudyRun]
+    leaderboard: list[dict]
+    out_dir: pathlib.Path
+    wall_time: float = 0.0
+    files: dict[str, pathlib.Path] = field(default_factory=dict)
+
+
+def _default_out() -> pathlib.Path:
+    return pathlib.Path("runs") / f"study-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_study(cfg: StudyConfig, *, log: Callable[[str], None] = print) -> StudyResult:
+    """Train every router of ``cfg`` on the same budget, write the report, return the results.
+
+    Raises:
+        ValueError: unknown preset, router, override key or dataset, or a preset of another task.
+    """
+    from smoe.models.presets import apply_overrides  # noqa: PLC0415
+    from smoe.study.report import leaderboard_rows, write_report  # noqa: PLC0415
+
+    t_start = time.perf_counter()
+    preset = cfg.preset or DEFAULT_PRESETS[(cfg.task, cfg.quick)]
+    base = resolve_run_config(preset, cfg.overrides, train=study_budget(cfg.task, cfg.quick))
+    if base.task != cfg.task:
+        raise ValueError(f"preset {preset!r} is a {base.task!r} model; the study task is {cfg.task!r}")
+    variants = resolve_variants(cfg.routers, cfg.task)
+    out = pathlib.Path(cfg.out_dir) if cfg.out_dir else _default_out()
+    if (out / "report.md").exists():
+        raise ValueError(f"{str(out)!r} already holds a study report; choose another --out")
+
+    # the data is loaded once and shared by every run (each seed gets its own data order)
+    data = build_data(
+        cfg.task,
+        base.data,
+        batch_size=base.train.batch_size,
+        seq_len=getattr(base.model, "seq_len", None),
+        seed=base.train.seed,
+    )
+    model_cfg, changes = fit_model_to_data(base.model, data)
+    data_cfg = base.data if base.data.dataset or base.data.path else dataclasses.replace(base.data, dataset=data.name)
+    base = dataclasses.replace(base, model=model_cfg, data=data_cfg)
+    log(
+        f"smoe study: task={cfg.task} preset={preset} data={data.name} routers={[v.name for v in variants]} "
+        f"seeds={cfg.seeds} steps={base.train.steps} batch={base.train.batch_size}"
+        + (f" seq_len={data.seq_len}" if cfg.task == "lm" else "")
+        + f" -> {out}"
+    )
+
+    runs: list[StudyRun] = []
+    for variant in variants:
+        over = variant_overrides(variant, model_cfg)
+        v_cfg = apply_overrides(model_cfg, over)
+        for s in range(cfg.seeds):
+            seed = base.train.seed + s
+            train_cfg = dataclasses.replace(base.train, seed=seed)
+            run_dir = out / "runs" / f"{variant.name}-seed{seed}"
+            run = StudyRun(variant=variant, seed=seed, run_dir=run_dir, group_mode=v_cfg.moe.group_mode)
+            try:
+                torch.manual_seed(seed)
+                model = v_cfg.build()
+                run_data = data.with_seed(seed)
+                write_run_config(
+                    run_dir, RunConfig(preset=preset, model=v_cfg, train=train_cfg, data=data_cfg), run_data, changes
+                )
+                trainer = Trainer(
+                    model, run_data, train_cfg, run_dir=run_dir, progress=cfg.progress, desc=f"{variant.name} s{seed}"
+                )
+                run.final = trainer.fit()
+                run.curve = [(r["step"], r["loss"]) for r in trainer.history if r["split"] == "validation"]
+                run.train_curve = [(r["step"], r["loss"]) for r in trainer.history if r["split"] == "train"]
+                log(_one_line(variant.name, seed, run.final, cfg.task))
+            except (RuntimeError, ValueError, ArithmeticError) as e:  # one failing router must not sink the study
+                run.error = f"{type(e).__name__}: {e}"
+                log(f"  {variant.name} seed {seed}: FAILED: {run.error}")
+                (run_dir / "error.txt").parent.mkdir(parents=True, exist_ok=True)
+                (run_dir / "error.txt").write_text(traceback.format_exc(), encoding="utf-8")
+            runs.append(run)
+
+    result = StudyResult(
+        config=cfg,
+        preset=preset,
+        task=cfg.task,
+        base=base,
+        data_info=data.describe(),
+        runs=runs,
+        leaderboard=leaderboard_rows(runs, cfg.task),
+        out_dir=out,
+    )
+    result.wall_time = time.perf_counter() - t_start
+    result.files = write_report(result)
+    result.wall_time = time.perf_counter() - t_start
+    return result
+
+
+def _one_line(name: str, seed: int, final: dict, task: str) -> str:
+    quality = f"acc={final['accuracy']:.4f}" if task == "vision" else f"bpb={final['bpb']:.4f}"
+    return (
+        f"  {name:<16} seed {seed}: val_loss={final['loss']:.4f} {quality} load_cv={final['load_cv']:.3f} "
+        f"drop={final['drop_rate']:.3f} dead={int(final['dead_experts'])} {final['tokens_per_s']:.0f} tok/s"
+    )

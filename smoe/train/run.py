@@ -1,0 +1,255 @@
+"""A *run*: a preset's model config + a :class:`TrainConfig` + a :class:`~smoe.data.DataConfig`, trained into a run
+folder that records everything needed to resume or evaluate it.
+
+Run folder layout::
+
+    <run>/config.json      the resolved configuration (model, train, data), the data summary, versions
+    <run>/tokenizer.json   the tokenizer (byte, or the trained BPE vocabulary) -- language models only
+    <run>/metrics.jsonl    one JSON record per training step and per evaluation
+    <run>/checkpoints/step-XXXXXXXX/{model.safetensors, optimizer.safetensors, state.json}
+    <run>/final.json       the final validation metrics, throughput and parameter counts
+
+Dotted overrides (``--set``) go to the right config by prefix: ``train.*`` to :class:`TrainConfig`, ``data.*`` to
+:class:`~smoe.data.DataConfig`, everything else (``moe.top_k``, ``dim``, ...) to the model config through
+:func:`smoe.models.presets.apply_overrides`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import platform
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from smoe.data import DataConfig, build_data
+from smoe.train.checkpoint import atomic_write_text, read_json
+from smoe.train.config import TrainConfig, apply_dataclass_overrides
+from smoe.train.trainer import Trainer
+
+__all__ = ["RunConfig", "resolve_run_config", "prepare_run", "train_run", "load_run_config", "evaluate_run"]
+
+
+def _presets():
+    from smoe.models import presets  # noqa: PLC0415 - models import the whole layer stack
+
+    return presets
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Everything that defines a run.
+
+    Attributes:
+        preset: the model preset it started from (``None`` for a hand-made config).
+        model: the resolved model config (a :class:`~smoe.models.config.LMConfig`, ``ViTConfig`` or ``VAEConfig``).
+        train: the optimisation budget.
+        data: the data options.
+    """
+
+    preset: str | None
+    model: Any
+    train: TrainConfig
+    data: DataConfig
+
+    @property
+    def task(self) -> str:
+        return self.model.task
+
+    def to_dict(self) -> dict:
+        return {
+            "preset": self.preset,
+            "task": self.task,
+            "model": _presets().config_to_dict(self.model),
+            "train": dataclasses.asdict(self.train),
+            "data": dataclasses.asdict(self.data),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        try:
+            return cls(
+                preset=d.get("preset"),
+                model=_presets().config_from_dict(d["model"]),
+                train=TrainConfig(**d["train"]),
+                data=DataConfig(**d["data"]),
+            )
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"run config is incomplete or has unknown fields ({e})") from None
+
+
+def split_overrides(overrides: dict[str, str]) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    """``(model, train, data)`` overrides from one dotted-key dict (prefixes ``train.`` and ``data.`` removed)."""
+    model, train, data = {}, {}, {}
+    for key, value in overrides.items():
+        if key.startswith("train."):
+            train[key[6:]] = value
+        elif key.startswith("data."):
+            data[key[5:]] = value
+        else:
+            model[key] = value
+    return model, train, data
+
+
+def resolve_run_config(
+    preset: str,
+    overrides: dict[str, str] | None = None,
+    *,
+    train: TrainConfig | None = None,
+    data: DataConfig | None = None,
+) -> RunConfig:
+    """The preset's config with ``overrides`` applied (``ValueError`` on an unknown preset or key)."""
+    presets = _presets()
+    model_over, train_over, data_over = split_overrides(overrides or {})
+    model_cfg = presets.apply_overrides(presets.get_preset(preset), model_over)
+    train_cfg = apply_dataclass_overrides(train or TrainConfig(), train_over, prefix="train")
+    data_cfg = apply_dataclass_overrides(data or DataConfig(), data_over, prefix="data")
+    return RunConfig(preset=preset, model=model_cfg, train=train_cfg, data=data_cfg)
+
+
+def _largest_divisor_at_most(n: int, k: int) -> int:
+    return max(d for d in range(1, min(n, k) + 1) if n % d == 0)
+
+
+def fit_model_to_data(model_cfg, data) -> tuple[Any, dict]:
+    """Set the model's data-dependent fields from the data (vocabulary, image geometry, classes).
+
+    Returns:
+        ``(config, changes)`` where ``changes`` maps each changed field to ``[old, new]`` (recorded in config.json).
+    """
+    changes: dict[str, Any] = {}
+    if model_cfg.task == "lm":
+        want = {"vocab_size": data.vocab_size}
+        if data.seq_len > model_cfg.seq_len:
+            raise ValueError(
+                f"data.seq_len={data.seq_len} exceeds the model's context seq_len={model_cfg.seq_len}; "
+                f"lower data.seq_len or --set seq_len={data.seq_len}"
+            )
+    else:
+        want = {"image_size": data.image_size, "in_channels": data.channels}
+        if model_cfg.task == "vision":
+            want["num_classes"] = data.num_classes
+            patch = model_cfg.patch_size
+            if data.image_size % patch:
+                want["patch_size"] = _largest_divisor_at_most(data.image_size, patch)
+    for key, value in want.items():
+        if getattr(model_cfg, key) != value:
+            changes[key] = [getattr(model_cfg, key), value]
+    if changes:
+        model_cfg = dataclasses.replace(model_cfg, **{k: v[1] for k, v in changes.items()})
+    return model_cfg, changes
+
+
+def prepare_run(run: RunConfig, *, tokenizer_state: dict | None = None) -> tuple[nn.Module, Any, RunConfig, dict]:
+    """Load the data, fit the model config to it, seed, and build the model.
+
+    Returns:
+        ``(model, data, run_config_with_fitted_model, changes)``.
+    """
+    model_ctx = getattr(run.model, "seq_len", None)
+    data = build_data(
+        run.task,
+        run.data,
+        batch_size=run.train.batch_size,
+        seq_len=model_ctx,
+        seed=run.train.seed,
+        tokenizer_state=tokenizer_state,
+    )
+    model_cfg, changes = fit_model_to_data(run.model, data)
+    data_cfg = run.data
+    if data_cfg.dataset is None and not data_cfg.path:  # record which default was used
+        data_cfg = dataclasses.replace(data_cfg, dataset=data.name)
+    run = dataclasses.replace(run, model=model_cfg, data=data_cfg)
+    torch.manual_seed(run.train.seed)
+    return model_cfg.build(), data, run, changes
+
+
+def _versions() -> dict:
+    import smoe  # noqa: PLC0415
+
+    return {"smoe": smoe.__version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def write_run_config(run_dir: pathlib.Path, run: RunConfig, data, changes: dict) -> None:
+    """Write ``config.json`` (and ``tokenizer.json`` for a language model) atomically."""
+    record = run.to_dict()
+    record["data_info"] = data.describe()
+    record["fitted_to_data"] = changes
+    record["versions"] = _versions()
+    record["created"] = datetime.datetime.now().isoformat(timespec="seconds")
+    atomic_write_text(run_dir / "config.json", json.dumps(record, indent=1))
+    if run.task == "lm":
+        atomic_write_text(run_dir / "tokenizer.json", json.dumps(data.tokenizer.to_dict()))
+
+
+def load_run_config(run_dir: str | os.PathLike) -> tuple[RunConfig, dict | None]:
+    """``(RunConfig, tokenizer state or None)`` of an existing run folder."""
+    run_dir = pathlib.Path(run_dir)
+    record = read_json(run_dir / "config.json", "run config")
+    if not isinstance(record, dict):
+        raise ValueError(f"run config {str(run_dir / 'config.json')!r} is not a JSON object")
+    tok = read_json(run_dir / "tokenizer.json", "tokenizer") if (run_dir / "tokenizer.json").exists() else None
+    return RunConfig.from_dict(record), tok
+
+
+def train_run(
+    run: RunConfig | None,
+    run_dir: str | os.PathLike | None,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    on_step=None,
+    desc: str = "train",
+) -> dict:
+    """Train ``run`` into ``run_dir`` (``resume=True`` continues from its newest checkpoint); returns final metrics.
+
+    The result also holds ``history``: every record this call logged.
+
+    Resuming reads ``config.json`` and ``tokenizer.json`` of the folder, so the resumed run is the same run even if
+    the caller's flags differ; the newest checkpoint then restores model, optimizer, scheduler and RNG states.
+    """
+    run_dir = pathlib.Path(run_dir) if run_dir is not None else None
+    tokenizer_state = None
+    if resume:
+        if run_dir is None or not (run_dir / "config.json").exists():
+            raise ValueError(f"cannot resume: {str(run_dir)!r} holds no config.json of an earlier run")
+        run, tokenizer_state = load_run_config(run_dir)
+    if run is None:
+        raise ValueError("train_run needs a RunConfig unless resume=True")
+    model, data, run, changes = prepare_run(run, tokenizer_state=tokenizer_state)
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            write_run_config(run_dir, run, data, changes)
+    trainer = Trainer(model, data, run.train, run_dir=run_dir, progress=progress, on_step=on_step, desc=desc)
+    if resume:
+        trainer.resume()
+    result = trainer.fit()
+    result["history"] = trainer.history
+    return result
+
+
+def evaluate_run(path: str | os.PathLike, *, split: str = "validation", max_batches: int | None = None) -> dict:
+    """Evaluate a trained run (its folder, or one checkpoint folder inside it) on ``split``."""
+    from smoe.train.checkpoint import load_checkpoint, resolve_checkpoint  # noqa: PLC0415
+
+    ckpt = resolve_checkpoint(path)
+    # the run folder is the nearest ancestor holding config.json (a checkpoint folder sits two levels below it)
+    run_dir = next((d for d in [ckpt, *ckpt.parents][:4] if (d / "config.json").is_file()), None)
+    if run_dir is None:
+        raise ValueError(f"no config.json of a run found above checkpoint {str(ckpt)!r}")
+    run, tokenizer_state = load_run_config(run_dir)
+    model, data, run, _ = prepare_run(run, tokenizer_state=tokenizer_state)
+    state = load_checkpoint(ckpt, model=model, restore_rng=False)
+    trainer = Trainer(model, data, run.train, run_dir=None, progress=False)
+    trainer.step = int(state.get("step", 0))
+    result = trainer.evaluate(split, max_batches)
+    result.update(trainer.params)
+    result["checkpoint"] = str(ckpt)
+    return result

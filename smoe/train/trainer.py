@@ -1,0 +1,318 @@
+"""The training loop: AdamW + warm-up/cosine, clipping, optional bf16 autocast, evaluation, JSONL metrics,
+routing diagnostics, the aux-loss-free bias update, and atomic checkpoints with exact resume.
+
+Exact resume rests on three facts: the training batch of step ``s`` is a pure function of ``(seed, s)``
+(:mod:`smoe.data.batches`); the checkpoint holds the model, the optimizer moments, the scheduler and every RNG state;
+evaluation runs inside ``torch.random.fork_rng`` so it never moves the training RNG. A run killed after its
+checkpoint at step ``k`` and resumed from it therefore repeats steps ``k+1..N`` bit for bit (tested).
+
+Every model is called as ``model(inputs, targets) -> ModelOutput`` and trained on ``ModelOutput.total_loss``
+(task loss + the MoE layers' weighted auxiliary losses).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from smoe.analysis.routing_stats import RoutingStatsAccumulator, summarize_layers
+from smoe.routing.bias_balancing import register_bias_update_hook
+from smoe.train.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
+from smoe.train.config import TrainConfig
+from smoe.train.optim import build_optimizer, build_scheduler
+
+__all__ = ["Trainer", "count_parameters", "has_expert_bias"]
+
+
+def has_expert_bias(model: nn.Module) -> bool:
+    """Whether any router of ``model`` carries an aux-loss-free expert bias (``expert_bias=True``)."""
+    return any(getattr(m, "expert_bias_E", None) is not None for m in model.modules())
+
+
+def count_parameters(model: nn.Module) -> dict[str, float]:
+    """``{"num_parameters", "num_active_parameters"}`` from the model's own accounting when it has one."""
+    if hasattr(model, "accounting"):
+        acc = model.accounting()
+        return {"num_parameters": acc["num_parameters"], "num_active_parameters": acc["num_active_parameters"]}
+    total = sum({id(p): p.numel() for p in model.parameters()}.values())
+    return {"num_parameters": total, "num_active_parameters": total}
+
+
+def _tokens_in(inputs: torch.Tensor, out) -> int:
+    """Tokens one forward pass routed: the first MoE layer's token count, else the input's token count."""
+    for aux in out.moe_aux:
+        n = getattr(aux.plan, "num_tokens", None)
+        if n:
+            return int(n)
+    return int(inputs.numel()) if inputs.dtype == torch.long else int(inputs.shape[0])
+
+
+class Trainer:
+    """Trains ``model`` on ``data`` under ``config``.
+
+    Args:
+        model: an smoe model (``model(inputs, targets) -> ModelOutput``).
+        data: :class:`~smoe.data.LMData` or :class:`~smoe.data.ImageData`.
+        config: the optimisation budget.
+        run_dir: where ``metrics.jsonl``, ``checkpoints/`` and ``final.json`` go (``None``: nothing is written).
+        progress: show a tqdm progress bar on stderr.
+        on_step: called as ``on_step(trainer, record)`` after every step's record is logged (tests use it to
+            simulate a crash).
+        desc: progress-bar label.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data,
+        config: TrainConfig,
+        *,
+        run_dir: str | os.PathLike | None = None,
+        progress: bool = True,
+        on_step: Callable[[Trainer, dict], None] | None = None,
+        desc: str = "train",
+    ) -> None:
+        self.model, self.data, self.config = model, data, config
+        self.run_dir = pathlib.Path(run_dir) if run_dir is not None else None
+        self.progress, self.on_step, self.desc = progress, on_step, desc
+        self.optimizer = build_optimizer(model, config)
+        self.scheduler = build_scheduler(self.optimizer, config)
+        self.bias_hook = (
+            register_bias_update_hook(self.optimizer, model, config.bias_update_rate)
+            if has_expert_bias(model)
+            else None
+        )
+        self.step = 0
+        self.train_time = 0.0  # seconds spent in training steps (not evaluation or checkpoints)
+        self.train_tokens = 0
+        # throughput: the median of per-step token rates of this process, skipping its first steps (allocator
+        # warm-up, lazy initialisation); the median also ignores slow steps caused by other jobs on a shared machine
+        self.timing_warmup_steps = 3
+        self._step_rates: list[float] = []
+        self.history: list[dict] = []  # every record logged by this process, in order
+        self.last_eval: dict | None = None
+        self.params = count_parameters(model)
+
+    # ------------------------------------------------------------------------------------------------ logging
+
+    @property
+    def metrics_path(self) -> pathlib.Path | None:
+        return None if self.run_dir is None else self.run_dir / "metrics.jsonl"
+
+    def log(self, record: dict) -> None:
+        """Append ``record`` to ``metrics.jsonl`` (one JSON object per line) and to :attr:`history`."""
+        self.history.append(record)
+        if self.metrics_path is not None:
+            with open(self.metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _truncate_log(self, step: int) -> None:
+        """Drop logged records past ``step`` (a resumed run recomputes them)."""
+        path = self.metrics_path
+        if path is None or not path.exists():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by the crash
+                continue
+            if rec.get("step", 0) <= step:
+                kept.append(line)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+        os.replace(tmp, path)
+
+    # ------------------------------------------------------------------------------------------------ steps
+
+    def _autocast(self):
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16)
+
+    def train_step(self) -> dict:
+        """One optimizer step on the batch of the current step; returns its record."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        self.model.train()
+        inputs, targets = self.data.train_batch(self.step)
+        with self._autocast():
+            out = self.model(inputs, targets)
+            total = out.total_loss
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()  # the aux-loss-free bias update runs as its pre-hook
+        self.scheduler.step()
+        self.step += 1
+        dt = time.perf_counter() - t0
+        tokens = _tokens_in(inputs, out)
+        self.train_time += dt
+        self.train_tokens += tokens
+        self._step_rates.append(tokens / dt if dt > 0 else 0.0)
+        acc = RoutingStatsAccumulator()
+        acc.add(out.moe_aux)
+        routing = summarize_layers(acc.summary())
+        aux = 0.0 if out.aux_loss is None else float(out.aux_loss.detach())
+        return {
+            "step": self.step,
+            "split": "train",
+            "loss": float(out.loss.detach()),
+            "aux_loss": aux,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "load_cv": routing["load_cv"],
+            "drop_rate": routing["drop_rate"],
+            "entropy": routing["entropy"],
+            "tokens": tokens,
+            "step_time": dt,
+        }
+
+    @torch.no_grad()
+    def evaluate(self, split: str = "validation", max_batches: int | None = None) -> dict:
+        """Task metrics and per-layer routing diagnostics on ``split`` (the training RNG is left untouched).
+
+        Returns:
+            ``{"step", "split", "loss", ...task metrics..., "aux_loss", "load_cv", "max_load", "dead_experts",
+            "drop_rate", "unrouted", "entropy", "layers": [per-layer dicts]}``; LM adds ``ppl`` and ``bpb``
+            (bits per UTF-8 byte of the split's text), vision adds ``accuracy``.
+        """
+        if max_batches is None:
+            max_batches = self.config.eval_batches
+        was_training = self.model.training
+        self.model.eval()
+        acc = RoutingStatsAccumulator()
+        loss_sum = aux_sum = correct = count = 0.0
+        extra: dict[str, float] = {}
+        with torch.random.fork_rng(devices=[]), self._autocast():
+            for inputs, targets in self.data.eval_batches(split, max_batches):
+                out = self.model(inputs, targets)
+                n = float(targets.numel())
+                loss_sum += float(out.loss) * n
+                aux_sum += (0.0 if out.aux_loss is None else float(out.aux_loss)) * n
+                count += n
+                if self.data.task == "vision":
+                    correct += float((out.logits.argmax(-1) == targets).sum())
+                for k, v in out.metrics.items():
+                    if isinstance(v, torch.Tensor) and v.numel() == 1:
+                        extra[k] = extra.get(k, 0.0) + float(v) * n
+                acc.add(out.moe_aux)
+        self.model.train(was_training)
+        if count == 0:
+            raise ValueError(f"the {split} split produced no evaluation batch")
+        loss = loss_sum / count
+        rec: dict = {"step": self.step, "split": split, "loss": loss, "aux_loss": aux_sum / count}
+        if self.data.task == "lm":
+            rec["ppl"] = math.exp(min(loss, 50.0))
+            rec["bpb"] = loss / math.log(2) / self.data.bytes_per_token[split]
+        elif self.data.task == "vision":
+            rec["accuracy"] = correct / count
+        rec.update({f"metric_{k}": v / count for k, v in extra.items()})
+        layers = acc.summary()
+        rec.update(summarize_layers(layers))
+        rec["layers"] = layers
+        self.last_eval = rec
+        return rec
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+
+    def trainer_state(self) -> dict:
+        return {"train_time": self.train_time, "train_tokens": self.train_tokens, "seed": self.config.seed}
+
+    def save_checkpoint(self) -> pathlib.Path | None:
+        """Checkpoint the current step under ``run_dir/checkpoints`` (atomic); ``None`` without a run folder."""
+        if self.run_dir is None:
+            return None
+        return save_checkpoint(
+            self.run_dir / "checkpoints",
+            self.step,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            trainer_state=self.trainer_state(),
+            keep=self.config.keep_checkpoints,
+        )
+
+    def resume(self, path: str | os.PathLike | None = None) -> int:
+        """Restore everything from a checkpoint (default: the newest in ``run_dir``); returns the restored step.
+
+        Raises:
+            ValueError: no checkpoint, or one that does not fit this model/optimizer.
+        """
+        if path is None:
+            if self.run_dir is None or latest_checkpoint(self.run_dir) is None:
+                raise ValueError(f"no checkpoint to resume from in {str(self.run_dir)!r}")
+            path = latest_checkpoint(self.run_dir)
+        state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        self.step = int(state["step"])
+        trainer = state.get("trainer", {})
+        self.train_time = float(trainer.get("train_time", 0.0))
+        self.train_tokens = int(trainer.get("train_tokens", 0))
+        self._truncate_log(self.step)
+        return self.step
+
+    def throughput(self) -> float:
+        """Training tokens per second: the median per-step rate of this process's steps after the first
+        ``timing_warmup_steps`` (all steps when there are no more); 0 before any step."""
+        rates = self._step_rates[self.timing_warmup_steps :] or self._step_rates
+        return float(statistics.median(rates)) if rates else 0.0
+
+    # ------------------------------------------------------------------------------------------------ loop
+
+    def fit(self) -> dict:
+        """Train until ``config.steps`` (from the current step), evaluating and checkpointing on schedule.
+
+        Returns:
+            The final validation record, plus ``tokens_per_s`` (:meth:`throughput`), ``train_time`` (seconds in
+            training steps) and the parameter counts.
+        """
+        cfg = self.config
+        if self.step == 0:
+            torch.manual_seed(cfg.seed)  # training noise (router noise, dropout) starts from the run's seed
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        bar = tqdm(
+            total=cfg.steps,
+            initial=self.step,
+            desc=self.desc,
+            disable=not self.progress,
+            file=sys.stderr,
+            dynamic_ncols=True,
+            leave=False,
+        )
+        try:
+            while self.step < cfg.steps:
+                rec = self.train_step()
+                self.log(rec)
+                bar.update(1)
+                if cfg.log_every and self.step % cfg.log_every == 0:
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}")
+                if self.on_step is not None:
+                    self.on_step(self, rec)
+                if self.step < cfg.steps:
+                    if cfg.eval_every and self.step % cfg.eval_every == 0:
+                        self.log(self.evaluate())
+                    if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
+                        self.save_checkpoint()
+        finally:
+            bar.close()
+        final = self.evaluate()
+        self.log(final)
+        self.save_checkpoint()
+        result = dict(final)
+        result.update(self.params)
+        result["train_time"] = self.train_time
+        result["tokens_per_s"] = self.throughput()
+        if self.run_dir is not None:
+            atomic_write_text(self.run_dir / "final.json", json.dumps(result, indent=1))
+        return result
