@@ -17,10 +17,14 @@ Conventions (stated, because papers differ):
   ``total - sum_layers expert_params * (1 - k / E)``. Embedding tables count in full (as Mixtral and DeepSeek
   report; Kaplan et al. 2020 exclude them). ``k`` is the *nominal* number of experts per token: ``top_k`` for
   token choice (capacity drops make the real number smaller), the capacity factor for expert choice (each expert
-  takes ``cf * S / E`` of ``S`` tokens), or the router's own ``experts_per_token`` attribute when it has one.
+  takes ``cf * S / E`` of ``S`` tokens), the router's own ``experts_per_token`` attribute when it has one, or, for
+  Soft MoE, the slots per token ``E * C / S`` (every expert evaluates ``C`` slots per group of ``S`` tokens; ``S``
+  is the layer's ``group_size``, or the sequence length in ``group_mode="sequence"``; in the other modes ``S``
+  depends on the batch and the count falls back to ``top_k``).
 * **FLOPs** count multiply-adds of matrix products as 2 FLOPs: ``2 * weights`` for every linear layer a token
   passes through (attention projections, dense MLPs, router gates = router parameters with >= 2 dims, ``k``
-  experts, shared experts, the output head even when tied), plus ``4 * context * D`` per attention layer for the
+  experts, shared experts, the output head even when tied; Soft MoE's slot mixing, ``2 * E * C * D`` each for
+  dispatch and combine), plus ``4 * context * D`` per attention layer for the
   ``QK^T`` and ``PV`` products over the full context (no halving for causal masks, as Kaplan et al. 2020 and
   PaLM count). Norms, biases, softmax, activations, embedding lookups and routing sorts are not counted. This is
   exactly what :class:`torch.utils.flop_counter.FlopCounterMode` measures on the reference engine and the manual
@@ -42,12 +46,30 @@ __all__ = [
 ]
 
 
-def experts_per_token(moe: MoE) -> float:
-    """Nominal experts one token uses in ``moe`` (see the module docstring)."""
+def _soft_group_size(moe: MoE, context_len: int | None) -> int | None:
+    """Tokens per routing group of a dense-plan (Soft MoE) layer, when the model's shapes fix it."""
+    if moe.group_size is not None:
+        return moe.group_size
+    if moe.group_mode == "sequence":
+        return context_len
+    return None
+
+
+def experts_per_token(moe: MoE, context_len: int | None = None) -> float:
+    """Nominal experts one token uses in ``moe`` (see the module docstring).
+
+    Args:
+        moe: the layer.
+        context_len: tokens per sequence of the model (sets a Soft MoE layer's group size in ``"sequence"`` mode).
+    """
     router = moe.router
     value = getattr(router, "experts_per_token", None)
     if value is not None:
         return float(value() if callable(value) else value)
+    if router.plan_kind == "dense" and hasattr(router, "num_slots"):
+        S = _soft_group_size(moe, context_len)
+        if S is not None:
+            return moe.num_experts * router.num_slots / S
     if getattr(router, "registry_name", None) == "expert_choice":
         cf = getattr(router, "capacity_factor", None)
         return float(cf if cf is not None else moe.top_k)
@@ -60,10 +82,11 @@ def _expert_weights_per_expert(moe: MoE) -> int:
     return sum(w.numel() for w in weights if w is not None) // ex.num_experts
 
 
-def moe_inactive_parameters(moe: MoE) -> float:
+def moe_inactive_parameters(moe: MoE, context_len: int | None = None) -> float:
     """Routed-expert parameters of ``moe`` that one token does not use: ``expert_params * (1 - k / E)``."""
     expert_params = sum(p.numel() for p in moe.experts.parameters())
-    return expert_params * (1.0 - min(experts_per_token(moe), moe.num_experts) / moe.num_experts)
+    k = experts_per_token(moe, context_len)
+    return expert_params * (1.0 - min(k, moe.num_experts) / moe.num_experts)
 
 
 def linear_weight_count(module: nn.Module) -> int:
@@ -72,9 +95,12 @@ def linear_weight_count(module: nn.Module) -> int:
     return sum(seen.values())
 
 
-def _moe_flops_per_token(moe: MoE) -> float:
+def _moe_flops_per_token(moe: MoE, context_len: int | None = None) -> float:
     router_weights = sum(p.numel() for p in moe.router.parameters() if p.dim() >= 2)
-    flops = 2 * router_weights + 2 * experts_per_token(moe) * _expert_weights_per_expert(moe)
+    flops = 2 * router_weights + 2 * experts_per_token(moe, context_len) * _expert_weights_per_expert(moe)
+    if moe.router.plan_kind == "dense" and hasattr(moe.router, "num_slots"):
+        # Soft MoE slot mixing: dispatch (slots = D^T X) and combine (Y = C Y~), E*C*D multiply-adds per token each
+        flops += 2 * 2 * moe.num_experts * moe.router.num_slots * moe.dim
     if moe.shared_expert is not None:
         flops += 2 * linear_weight_count(moe.shared_expert)
     return flops
@@ -92,7 +118,7 @@ def transformer_flops_per_token(trunk: nn.Module, *, context_len: int) -> float:
         attn = block.attn
         flops += 2 * linear_weight_count(attn) + 4 * context_len * attn.dim
         if isinstance(block.ffn, MoE):
-            flops += _moe_flops_per_token(block.ffn)
+            flops += _moe_flops_per_token(block.ffn, context_len)
         elif isinstance(block.ffn, MLP):
             flops += 2 * linear_weight_count(block.ffn)
         else:  # pragma: no cover - blocks hold an MLP or an MoE
@@ -115,9 +141,11 @@ class AccountingMixin:
         """Parameter and FLOP counts (see the module docstring for the conventions)."""
         params = {id(p): p.numel() for p in self.parameters()}  # tied weights once
         total = sum(params.values())
-        inactive = sum(moe_inactive_parameters(m) for m in self.modules() if isinstance(m, MoE))
+        own = self._accounting()
+        context = int(own["tokens_per_sample"])
+        inactive = sum(moe_inactive_parameters(m, context) for m in self.modules() if isinstance(m, MoE))
         out: dict[str, float] = {"num_parameters": total, "num_active_parameters": total - inactive}
-        out.update(self._accounting())
+        out.update(own)
         out["flops_per_sample"] = out["flops_per_token"] * out["tokens_per_sample"]
         return {k: _as_number(v) for k, v in out.items()}
 

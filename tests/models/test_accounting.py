@@ -8,6 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import smoe
 from smoe.models import LMConfig, MoEConfig, build_model
+from smoe.models.accounting import experts_per_token
 
 
 def _hand_lm() -> LMConfig:
@@ -104,3 +105,20 @@ def test_accounting_works_on_the_meta_device():
     meta = build_model("lm_small", device="meta")
     assert next(meta.parameters()).is_meta
     assert meta.accounting() == build_model("lm_small").accounting()
+
+
+def test_soft_moe_vit_flops_match_flop_counter():
+    # Soft MoE: each of E experts runs C slots per routing group of S tokens, i.e. E*C/S expert
+    # evaluations per token, plus the slot mixing (dispatch and combine, 2*E*C*D FLOPs per token each)
+    torch.manual_seed(0)
+    overrides = {"moe.router": "soft", "moe.capacity_factor": None, "moe.group_mode": "sequence", "moe.every": 1}
+    overrides["moe.router_kwargs"] = {"num_slots": 2}
+    model = build_model("vit_debug", **overrides).eval()
+    B = 2
+    measured = _measured_flops(model, torch.randn(B, 1, 28, 28))
+    acc = model.accounting()
+    assert measured == pytest.approx(acc["flops_per_sample"] * B, rel=1e-12)
+    moe = next(m for m in model.modules() if isinstance(m, smoe.MoE))
+    # vit_debug routes 2 images per group (V-MoE style), so S = 2 * 17 tokens
+    assert moe.group_size == 2 * acc["tokens_per_sample"]
+    assert experts_per_token(moe, acc["tokens_per_sample"]) == moe.num_experts * 2 / moe.group_size
