@@ -133,7 +133,10 @@ def variant_overrides(variant: StudyVariant, base_config) -> dict:
     * a router other than the preset's runs dropless (``capacity_factor=None``): the preset's capacity is a
       setting of its token-choice router (V-MoE's cf 1.05), and without it expert choice takes its capacity factor
       from ``top_k`` -- the same number of expert evaluations per token as top-k token choice;
-    * in a language model, a token-coupling router gets ``group_mode="position"`` (causal-safe).
+    * in a language model, a token-coupling router gets ``group_mode="position"`` (causal-safe);
+    * Soft MoE in vision routes per image (``group_mode="sequence"``, as the paper) with
+      ``num_slots = round(N * K / E)`` slots per expert for ``N`` tokens per image, so that its expert evaluations
+      per image (``E * num_slots``) match top-k token choice (``N * K``) unless ``num_slots`` is given.
     """
     moe = base_config.moe
     own = variant.router_kwargs is None and variant.router == moe.router
@@ -145,6 +148,11 @@ def variant_overrides(variant: StudyVariant, base_config) -> dict:
         over["moe.capacity_factor"] = None
         over["moe.eval_capacity_factor"] = None
         over["moe.eval_batch_priority"] = None
+    if base_config.task == "vision" and get_router(variant.router).plan_kind == "dense":
+        over["moe.images_per_group"] = None
+        over["moe.group_mode"] = "sequence"
+        if "num_slots" not in kwargs:
+            kwargs["num_slots"] = max(1, round(base_config.tokens_per_image * moe.top_k / moe.num_experts))
     if base_config.task == "lm" and moe.group_size is None:
         if _couples_tokens(variant, moe, kwargs, capacity):
             over["moe.group_mode"] = "position"

@@ -6,9 +6,10 @@ import json
 import math
 
 import pytest
+import torch
 
 from smoe.cli.main import main
-from smoe.models import get_preset
+from smoe.models import build_model, get_preset
 from smoe.study import (
     NAMED_VARIANTS,
     format_leaderboard,
@@ -125,6 +126,16 @@ def test_variants_are_causal_safe_and_compute_matched():
     kept = variant_overrides(NAMED_VARIANTS["token_choice"], vit)
     assert kept["moe.router_kwargs"] == vit.moe.router_kwargs and "moe.capacity_factor" not in kept
     assert "moe.group_mode" not in variant_overrides(resolve_variants(["expert_choice"], "vision")[0], vit)
+    # Soft MoE per image, E * num_slots slots ~ N * K token-expert evaluations (17 tokens, top-2, 8 experts: 4 slots)
+    soft = variant_overrides(resolve_variants(["soft"], "vision")[0], vit)
+    assert soft["moe.group_mode"] == "sequence" and soft["moe.images_per_group"] is None
+    assert soft["moe.router_kwargs"] == {"num_slots": round(vit.tokens_per_image * 2 / 8)} == {"num_slots": 4}
+    model = build_model("vit_small", **soft).eval()
+    x = torch.randn(3, 1, 28, 28)  # 3 images: no multiple of 8 needed once groups are single images
+    logits = model(x).logits
+    x2 = x.clone()
+    x2[1:] = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(model(x2).logits[0], logits[0])  # per-image routing: image 0 ignores the others
 
 
 def test_resolve_variants_defaults_and_errors():
