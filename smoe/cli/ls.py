@@ -27,17 +27,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _first_line(obj) -> str:
-    doc = (getattr(obj, "__doc__", None) or "").strip()
-    return doc.splitlines()[0] if doc else ""
-
-
 def routers_table() -> list[str]:
-    from smoe.routing import get_router, list_routers  # noqa: PLC0415
+    from smoe.routing import list_routers  # noqa: PLC0415
+    from smoe.routing.registry import router_summary  # noqa: PLC0415
 
     names = list_routers()
     w = max(len(n) for n in names)
-    return [f"  {n:<{w}}  {_first_line(get_router(n))}" for n in names]
+    return [f"  {n:<{w}}  {router_summary(n)}" for n in names]
 
 
 def presets_table() -> list[str]:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from smoe.routing.base import Router
 
-__all__ = ["register_router", "get_router", "list_routers", "build_router"]
+__all__ = ["register_router", "get_router", "list_routers", "build_router", "router_summary"]
 
 _ROUTERS: dict[str, type[Router]] = {}
 
@@ -40,6 +40,18 @@ def get_router(name: str) -> type[Router]:
         return _ROUTERS[name]
     except KeyError:
         raise ValueError(f"unknown router {name!r}; expected one of {list_routers()}") from None
+
+
+def router_summary(name: str) -> str:
+    """One line describing the router ``name``: the first line of its class docstring, without a trailing pointer
+    to the module docstring (``smoe ls routers``, the study report)."""
+    doc = (get_router(name).__doc__ or "").strip()
+    if not doc:
+        return f"registered router {name!r}"
+    line = doc.splitlines()[0].rstrip(".")
+    for tail in (" (module docstring)", " (see module docstring)", " (see the module docstring)"):
+        line = line.replace(tail, "")
+    return line.replace("(module docstring): ", ": ").replace(" (module docstring)", "")
 
 
 def build_router(

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from smoe.routing import build_router, get_router, list_routers
+from smoe.routing.registry import router_summary
 
 __all__ = [
     "StudyVariant",
@@ -75,12 +76,8 @@ TOKEN_ID_ROUTERS = ("hash",)
 
 
 def _doc_line(name: str) -> str:
-    """First line of the router class docstring, without a trailing pointer to the module docstring."""
-    doc = (get_router(name).__doc__ or "").strip()
-    line = doc.splitlines()[0].rstrip(".") if doc else f"registered router {name!r}"
-    for tail in (" (module docstring)", " (see module docstring)", " (see the module docstring)"):
-        line = line.replace(tail, "")
-    return f"{line}; registry defaults"
+    """The router's one-line summary, for the report."""
+    return f"{router_summary(name)}; registry defaults"
 
 
 def resolve_variants(names: list[str] | None, task: str = "lm") -> list[StudyVariant]:
