@@ -5,9 +5,12 @@ Two choices, each with an override for tests and benchmarks:
 * the *engine path*: ``"fast"`` (sorted rows, grouped GEMMs, fused scatter; the default) or ``"reference"``
   (the per-expert loop that is the specification);
 * the *GEMM kernel* of the fast path: ``"grouped_mm"`` (``torch._grouped_mm``: one call for all experts) or
-  ``"loop"`` (one ``mm`` per expert over contiguous row segments). ``"auto"`` uses ``grouped_mm`` where this torch
-  supports it for the tensors at hand (float32 / bfloat16 / float16, 16-byte aligned rows) and ``loop`` otherwise
-  (float64, odd widths, old torch).
+  ``"loop"`` (one ``mm`` per expert over contiguous row segments). ``"auto"`` uses ``loop`` on CPU (measured faster
+  there, see :func:`choose_kernel`), and elsewhere ``grouped_mm`` where this torch supports it for the tensors at
+  hand (float32 / bfloat16 / float16, 16-byte aligned rows) and ``loop`` otherwise (float64, odd widths, old torch).
+
+A third, CPU-only switch is not a backend but lives with the engine's memory: the reuse of large per-step buffers
+(:mod:`smoe.engine.buffers`, ``SMOE_REUSE_BUFFERS=0`` to turn it off).
 
 Resolution order: an explicit ``backend=`` on the layer, then :func:`use_backend` / :func:`set_backend`, then the
 ``SMOE_BACKEND`` environment variable (``fast``, ``reference``, ``grouped_mm`` or ``loop``), then ``"auto"``.
@@ -28,6 +31,7 @@ __all__ = [
     "resolve_backend",
     "HAS_GROUPED_MM",
     "grouped_mm_supports",
+    "choose_kernel",
 ]
 
 #: accepted names: "auto" = fast path with the best GEMM kernel
@@ -87,3 +91,20 @@ def resolve_backend(explicit: str | None) -> tuple[str, str]:
     if name in ("grouped_mm", "loop"):
         return "fast", name
     return "fast", "auto"
+
+
+def choose_kernel(kernel: str, x, *weights) -> str:
+    """Resolve the fast path's GEMM kernel for these operands: ``"grouped_mm"`` or ``"loop"``.
+
+    ``"auto"`` picks ``loop`` on CPU. Measured there (torch 2.13, MKL, 2 cores; ``benchmarks/README.md``), the
+    per-expert loop with fused per-expert elementwise work beats ``torch._grouped_mm``, whose CPU kernel is itself a
+    loop of ``mm`` calls but allocates fresh outputs and is slow at the weight gradient of many small groups.
+    Elsewhere ``auto`` picks ``grouped_mm`` when the operands allow it (one launch for all experts, no host sync).
+    An explicit ``grouped_mm`` falls back to ``loop`` for operands it cannot run (float64, unaligned widths).
+    """
+    if kernel == "loop":
+        return "loop"
+    supported = all(grouped_mm_supports(x, w) for w in weights)
+    if kernel == "grouped_mm":
+        return "grouped_mm" if supported else "loop"
+    return "grouped_mm" if supported and x.device.type != "cpu" else "loop"

@@ -10,6 +10,11 @@ Sparse plan, for ``N`` rows sorted by expert (the plan guarantees the order):
 No capacity padding and no ``(T, E, C)`` one-hot: cost is ``O(N D F)`` in the GEMMs plus ``O(N D)`` in the moves,
 the same as a dense MLP over ``N`` rows (the "dense-equivalent").
 
+SwiGLU experts without biases (the default expert) run steps 1-4 as one fused autograd op,
+:func:`smoe.engine.fused.swiglu_experts`, with a hand-written backward that keeps the per-expert work in cache
+(see that module for why and for the measurements). GELU experts and experts with biases run the modular ops of
+:mod:`smoe.engine.ops` above; both paths compute the same thing and are checked against the reference engine.
+
 Dense plan (Soft MoE): the slot mixing is two batched GEMMs (einsum), the experts one grouped GEMM over
 ``E`` equal segments of ``G*C`` slots.
 """
@@ -21,7 +26,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from smoe.engine.backend import grouped_mm_supports
+from smoe.engine.backend import choose_kernel
+from smoe.engine.fused import swiglu_experts
 from smoe.engine.ops import gather_rows, grouped_linear, scatter_add_weighted, segment_offsets
 from smoe.routing.plan import DensePlan, SparsePlan
 
@@ -35,12 +41,9 @@ def experts_on_sorted_rows(
     x_ND: Tensor, counts_E: Tensor, expert_idx_N: Tensor, experts: Experts, kernel: str
 ) -> Tensor:
     """Run every expert on its contiguous segment of ``x_ND``; ``(N, D) -> (N, D)``."""
-    if kernel == "auto":
-        kernel = (
-            "grouped_mm"
-            if grouped_mm_supports(x_ND, experts.w1_EFD) and grouped_mm_supports(x_ND, experts.w2_EDF)
-            else "loop"
-        )
+    kernel = choose_kernel(kernel, x_ND, experts.w1_EFD, experts.w2_EDF)
+    if _fusable(experts):
+        return swiglu_experts(x_ND, experts.w1_EFD, experts.w3_EFD, experts.w2_EDF, counts_E, kernel)
     offs = segment_offsets(counts_E) if kernel == "grouped_mm" else None
     counts = counts_E.tolist() if kernel == "loop" else None
     h1 = grouped_linear(x_ND, experts.w1_EFD, counts_E, kernel, offs, counts)
@@ -53,8 +56,25 @@ def experts_on_sorted_rows(
     return out
 
 
+def _fusable(experts: Experts) -> bool:
+    return experts.activation == "swiglu" and experts.b1_EF is None and experts.b2_ED is None
+
+
 def run_sparse_fast(x_RD: Tensor, plan: SparsePlan, experts: Experts, kernel: str = "auto") -> Tensor:
     """Execute a sparse plan; ``(R, D) -> (T, D)``. Rows must be sorted by expert (``SparsePlan`` invariant)."""
+    if _fusable(experts):
+        return swiglu_experts(
+            x_RD,
+            experts.w1_EFD,
+            experts.w3_EFD,
+            experts.w2_EDF,
+            plan.counts_E,
+            choose_kernel(kernel, x_RD, experts.w1_EFD, experts.w2_EDF),
+            source_idx_N=plan.gather_idx_N,
+            token_idx_N=plan.token_idx_N,
+            weight_N=plan.weight_N.to(x_RD.dtype),
+            num_tokens=plan.num_tokens,
+        )
     x_ND = gather_rows(x_RD, plan.gather_idx_N)
     out_ND = experts_on_sorted_rows(x_ND, plan.counts_E, plan.expert_idx_N, experts, kernel)
     return scatter_add_weighted(out_ND, plan.weight_N.to(x_RD.dtype), plan.token_idx_N, plan.num_tokens)

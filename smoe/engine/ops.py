@@ -4,13 +4,19 @@
 * :func:`scatter_add_weighted` -- ``y[idx[n]] += w[n] * h[n]`` (combine); backward is a gather, and the weight
   gradient ``<grad_y[idx[n]], h[n]>`` without materialising ``w * h``.
 * :func:`grouped_linear` -- ``h[rows of e] = x[rows of e] @ W[e]^T`` for row segments sorted by expert, with
-  ``torch._grouped_mm`` forward and backward, or a per-expert ``mm`` loop.
+  ``torch._grouped_mm`` forward and backward, or a per-expert ``mm`` loop writing into one output (and, in the
+  backward, into one weight-gradient tensor from :mod:`smoe.engine.buffers`).
+
+These are the building blocks for GELU / biased experts and the dense plan's GELU experts; the default SwiGLU
+experts run the fused op of :mod:`smoe.engine.fused`.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from smoe.engine.buffers import empty_grad
 
 __all__ = ["gather_rows", "scatter_add_weighted", "grouped_linear", "segment_offsets"]
 
@@ -83,11 +89,47 @@ class _GroupedLinearMM(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
+class _GroupedLinearLoop(torch.autograd.Function):
+    """Grouped ``x @ W[e]^T`` with one ``mm`` per non-empty expert, written into one output (no ``cat``).
+
+    The backward writes ``grad_x`` and the ``(E, O, I)`` weight gradient in place, segment by segment (plain
+    autograd over ``W[e]`` would build one full-size zero tensor per expert and add them up).
+    """
+
+    @staticmethod
+    def forward(ctx, x_NI: Tensor, w_EOI: Tensor, counts: list[int]) -> Tensor:
+        ctx.save_for_backward(x_NI, w_EOI)
+        ctx.counts = counts
+        out = x_NI.new_empty(x_NI.shape[0], w_EOI.shape[1])
+        for w_OI, x_s, o_s, c in zip(w_EOI.unbind(0), x_NI.split(counts), out.split(counts), counts):
+            if c:
+                torch.mm(x_s, w_OI.t(), out=o_s)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_NO: Tensor):
+        x_NI, w_EOI = ctx.saved_tensors
+        counts = ctx.counts
+        grad_NO = grad_NO.contiguous()
+        grad_x = x_NI.new_empty(x_NI.shape) if ctx.needs_input_grad[0] else None
+        grad_w = empty_grad(w_EOI) if ctx.needs_input_grad[1] else None
+        g_segs, x_segs = grad_NO.split(counts), x_NI.split(counts)
+        gx_segs = grad_x.split(counts) if grad_x is not None else [None] * len(counts)
+        for e, c in enumerate(counts):
+            if c == 0:
+                if grad_w is not None:
+                    grad_w[e].zero_()
+                continue
+            if grad_x is not None:
+                torch.mm(g_segs[e], w_EOI[e], out=gx_segs[e])
+            if grad_w is not None:
+                torch.mm(g_segs[e].t(), x_segs[e], out=grad_w[e])
+        return grad_x, grad_w, None
+
+
 def _grouped_linear_loop(x_ND: Tensor, w_EOI: Tensor, counts: list[int]) -> Tensor:
-    outs = [x_seg @ w_EOI[e].t() for e, x_seg in enumerate(x_ND.split(counts)) if counts[e] > 0]
-    if not outs:
-        return x_ND.new_zeros(0, w_EOI.shape[1])
-    return torch.cat(outs)
+    return _GroupedLinearLoop.apply(x_ND, w_EOI, counts)
 
 
 def grouped_linear(

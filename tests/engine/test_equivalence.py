@@ -27,8 +27,12 @@ def _grads(layer: smoe.MoE, x: torch.Tensor, backend: str, gy: torch.Tensor):
 
 def assert_engines_agree(layer, x, fast_backend="loop", atol=1e-10, rtol=1e-8, ref_layer=None):
     gy = torch.randn(x.shape, dtype=x.dtype)
-    y_ref, g_ref, aux_ref = _grads(ref_layer or layer, x.to(next((ref_layer or layer).parameters()).dtype),
-                                   "reference", gy.to(next((ref_layer or layer).parameters()).dtype))
+    y_ref, g_ref, aux_ref = _grads(
+        ref_layer or layer,
+        x.to(next((ref_layer or layer).parameters()).dtype),
+        "reference",
+        gy.to(next((ref_layer or layer).parameters()).dtype),
+    )
     y_fast, g_fast, aux_fast = _grads(layer, x, fast_backend, gy)
     names = ["input"] + [n for n, _ in layer.named_parameters()]
     torch.testing.assert_close(y_fast, y_ref.to(y_fast.dtype), atol=atol, rtol=rtol, msg="outputs differ")
@@ -93,8 +97,10 @@ def test_all_tokens_to_one_expert_with_capacity_drops_the_rest():
 
 
 @pytest.mark.skipif(not HAS_GROUPED_MM, reason="this torch has no torch._grouped_mm")
-@pytest.mark.parametrize("case", ["dropless_k2", "capacity_drops", "expert_choice", "gelu_bias_experts",
-                                  "top_k_equals_num_experts", "one_token"])
+@pytest.mark.parametrize(
+    "case",
+    ["dropless_k2", "capacity_drops", "expert_choice", "gelu_bias_experts", "top_k_equals_num_experts", "one_token"],
+)
 def test_grouped_mm_kernel_matches_float64_reference(case):
     kw, shape = CASES[case]
     layer32 = make_layer(dtype=torch.float32, **kw)
