@@ -68,8 +68,8 @@ NAMED_VARIANTS: dict[str, StudyVariant] = {
 #: the default study per task, in this order, keeping the ones that are registered (sized to fit ~10 minutes on
 #: 2 CPU cores); ``random`` is the floor a learned router should beat
 DEFAULT_ROUTERS = {
-    "lm": ("token_choice", "aux_free", "expert_choice", "usmoe", "hash", "random"),
-    "vision": ("token_choice", "aux_free", "expert_choice", "usmoe", "soft", "random"),
+    "lm": ("token_choice", "aux_free", "expert_choice", "usmoe", "sinkhorn", "xmoe", "hash", "random"),
+    "vision": ("token_choice", "aux_free", "expert_choice", "usmoe", "soft", "sinkhorn", "xmoe", "random"),
 }
 #: routers that route by input token id, so they apply to language models only
 TOKEN_ID_ROUTERS = ("hash",)
