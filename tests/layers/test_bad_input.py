@@ -11,8 +11,9 @@ def layer():
     return smoe.MoE(8, 16, 4, 2)
 
 
-@pytest.mark.parametrize("shape,match", [((2, 3, 4, 8), "4-d"), ((8,), "1-d"), ((5, 7), "width 7"),
-                                         ((0, 8), "empty"), ((2, 0, 8), "empty")])
+@pytest.mark.parametrize(
+    "shape,match", [((2, 3, 4, 8), "4-d"), ((8,), "1-d"), ((5, 7), "width 7"), ((0, 8), "empty"), ((2, 0, 8), "empty")]
+)
 def test_bad_input_shapes(layer, shape, match):
     with pytest.raises(ValueError, match=match):
         layer(torch.randn(shape))

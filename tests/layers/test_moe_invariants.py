@@ -34,8 +34,15 @@ def test_one_expert_top1_equals_dense_mlp(activation, backend):
 def test_large_capacity_equals_dropless(batch_priority):
     E, K = 4, 2
     dropless = smoe.MoE(8, 16, E, K, dtype=F64)
-    capped = smoe.MoE(8, 16, E, K, capacity_factor=float(E), dtype=F64,  # C = S*K: room for every assignment
-                      router_kwargs={"batch_priority": batch_priority})
+    capped = smoe.MoE(
+        8,
+        16,
+        E,
+        K,
+        capacity_factor=float(E),
+        dtype=F64,  # C = S*K: room for every assignment
+        router_kwargs={"batch_priority": batch_priority},
+    )
     capped.load_state_dict(dropless.state_dict())
     x = torch.randn(2, 9, 8, dtype=F64)
     y0, aux0 = dropless(x)
@@ -72,8 +79,9 @@ def test_moe_accepts_2d_and_3d_and_group_modes_agree_when_dropless():
 
 
 def test_position_group_mode_is_causal_for_expert_choice():
-    layer = smoe.MoE(8, 16, 4, 1, router="expert_choice", capacity_factor=1.0, group_mode="position",
-                     causal=True, dtype=F64)
+    layer = smoe.MoE(
+        8, 16, 4, 1, router="expert_choice", capacity_factor=1.0, group_mode="position", causal=True, dtype=F64
+    )
     x = torch.randn(3, 7, 8, dtype=F64)
     y, _ = layer(x)
     x2 = x.clone()
@@ -122,8 +130,9 @@ def test_router_math_is_float32_under_autocast_and_weights_cast_back():
 
 
 def test_noise_only_in_training_and_eval_is_deterministic():
-    layer = smoe.MoE(8, 16, 4, 2, router_kwargs={"noise": "gaussian", "importance_loss_weight": 0.005,
-                                                  "load_loss_weight": 0.005})
+    layer = smoe.MoE(
+        8, 16, 4, 2, router_kwargs={"noise": "gaussian", "importance_loss_weight": 0.005, "load_loss_weight": 0.005}
+    )
     x = torch.randn(12, 8)
     layer.train()
     _, aux = layer(x)
