@@ -63,7 +63,7 @@ from smoe.routing.plan import SparsePlan, sparse_plan_from_topk
 from smoe.routing.registry import register_router
 from smoe.routing.token_choice import GatedRouter
 
-__all__ = ["SinkhornRouter", "sinkhorn_plan", "sinkhorn_plan_reference"]
+__all__ = ["SinkhornRouter", "sinkhorn_plan", "sinkhorn_plan_reference", "check_sinkhorn_options"]
 
 
 def _marginals(S: int, E: int, row_marginal: float, col_marginal: float | None) -> tuple[float, float]:
@@ -75,6 +75,16 @@ def _marginals(S: int, E: int, row_marginal: float, col_marginal: float | None) 
     if not math.isclose(row_marginal * S, col * E, rel_tol=1e-6):
         raise ValueError(f"unbalanced marginals: S * row_marginal = {row_marginal * S} != E * col_marginal = {col * E}")
     return row_marginal, col
+
+
+def check_sinkhorn_options(epsilon: float, num_iters: int, tol: float | None) -> None:
+    """``ValueError`` naming a bad solver option: ``epsilon > 0``, ``num_iters >= 1``, ``tol`` ``None`` or ``> 0``."""
+    if epsilon <= 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
+    if num_iters < 1:
+        raise ValueError(f"num_iters must be >= 1, got {num_iters!r}")
+    if tol is not None and tol <= 0:
+        raise ValueError(f"tol must be None or > 0, got {tol!r}")
 
 
 def sinkhorn_plan(
@@ -102,12 +112,7 @@ def sinkhorn_plan(
         update), columns to ``col_marginal`` (within ``tol`` when it stopped on the tolerance). Differentiable
         through the unrolled iterations; call it under ``torch.no_grad()`` when the plan only selects.
     """
-    if epsilon <= 0:
-        raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
-    if num_iters < 1:
-        raise ValueError(f"num_iters must be >= 1, got {num_iters!r}")
-    if tol is not None and tol <= 0:
-        raise ValueError(f"tol must be None or > 0, got {tol!r}")
+    check_sinkhorn_options(epsilon, num_iters, tol)
     squeeze = scores_GSE.dim() == 2
     if squeeze:
         scores_GSE = scores_GSE.unsqueeze(0)
@@ -200,12 +205,7 @@ class SinkhornRouter(GatedRouter):
                 f"variant='expert_choice' combines with softmax gates; got score_fn={score_fn!r}, "
                 f"renormalize={renormalize!r}"
             )
-        if epsilon <= 0:
-            raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
-        if num_iters < 1:
-            raise ValueError(f"num_iters must be >= 1, got {num_iters!r}")
-        if tol is not None and tol <= 0:
-            raise ValueError(f"tol must be None or > 0, got {tol!r}")
+        check_sinkhorn_options(epsilon, num_iters, tol)
         if noise_std < 0:
             raise ValueError(f"noise_std must be >= 0, got {noise_std!r}")
         self.variant, self.score_fn, self.renormalize = variant, score_fn, renormalize

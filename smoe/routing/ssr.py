@@ -63,7 +63,7 @@ from smoe.routing.base import RouterOutput, RoutingContext
 from smoe.routing.capacity import capacity_keep_mask, compute_capacity
 from smoe.routing.plan import sparse_plan_from_topk
 from smoe.routing.registry import register_router
-from smoe.routing.sinkhorn import sinkhorn_plan
+from smoe.routing.sinkhorn import check_sinkhorn_options, sinkhorn_plan
 from smoe.routing.token_choice import GatedRouter, top_k_choice
 
 __all__ = ["SSRRouter", "ot_step_due", "plan_top_k"]
@@ -123,12 +123,7 @@ class SSRRouter(GatedRouter):
             raise ValueError(f"token_rule must be 'random' or 'low_confidence', got {token_rule!r}")
         if cost not in ("softmax", "logits"):
             raise ValueError(f"cost must be 'softmax' or 'logits', got {cost!r}")
-        if epsilon <= 0:
-            raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
-        if num_iters < 1:
-            raise ValueError(f"num_iters must be >= 1, got {num_iters!r}")
-        if tol is not None and tol <= 0:
-            raise ValueError(f"tol must be None or > 0, got {tol!r}")
+        check_sinkhorn_options(epsilon, num_iters, tol)
         self.fraction, self.select, self.token_rule, self.cost = fraction, select, token_rule, cost
         self.epsilon, self.num_iters, self.tol = epsilon, num_iters, tol
         self.grad_through_plan, self.renormalize = grad_through_plan, renormalize
