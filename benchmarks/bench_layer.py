@@ -168,28 +168,19 @@ def _sum_loss(y):
 
 
 def hf_block(layer: smoe.MoE, impl: str, dtype: torch.dtype):
-    """A ``MixtralSparseMoeBlock`` holding ``layer``'s weights, or ``None`` without transformers."""
+    """A ``MixtralSparseMoeBlock`` holding ``layer``'s weights (:func:`smoe.interop.to_mixtral_block`), or ``None``
+    without transformers."""
     try:
-        from transformers import MixtralConfig
-        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+        from smoe.interop import to_mixtral_block
     except ImportError:
         return None
-    ex = layer.experts
-    cfg = MixtralConfig(
-        hidden_size=ex.dim,
-        intermediate_size=ex.hidden_dim,
-        num_local_experts=ex.num_experts,
-        num_experts_per_tok=layer.top_k,
-        hidden_act="silu",
-        router_jitter_noise=0.0,
-    )
-    cfg._experts_implementation = impl
-    block = MixtralSparseMoeBlock(cfg)
-    with torch.no_grad():
-        # HF stores [gate; up] = [w1; w3] stacked along the hidden axis, (E, 2F, D), and down = w2, (E, D, F)
-        block.experts.gate_up_proj.copy_(torch.cat([ex.w1_EFD, ex.w3_EFD], dim=1))
-        block.experts.down_proj.copy_(ex.w2_EDF)
-        block.gate.weight.copy_(layer.router.gate.weight)
+    try:
+        block = to_mixtral_block(layer)
+    except ImportError:
+        return None
+    config = getattr(block.experts, "config", None)  # transformers 5.x reads it at every forward
+    if config is not None:
+        config._experts_implementation = impl
     return block.to(dtype).train()
 
 

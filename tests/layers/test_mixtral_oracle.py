@@ -18,35 +18,9 @@ import torch
 import smoe
 
 transformers = pytest.importorskip("transformers", reason="the dev extra installs transformers")
-from transformers import MixtralConfig  # noqa: E402
-from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock  # noqa: E402
+from smoe.interop import from_mixtral_block, to_mixtral_block  # noqa: E402
 
 F64 = torch.float64
-
-
-def _hf_block(layer: smoe.MoE) -> MixtralSparseMoeBlock:
-    ex = layer.experts
-    cfg = MixtralConfig(
-        hidden_size=ex.dim,
-        intermediate_size=ex.hidden_dim,
-        num_local_experts=ex.num_experts,
-        num_experts_per_tok=layer.top_k,
-        hidden_act="silu",
-        router_jitter_noise=0.0,
-    )
-    block = MixtralSparseMoeBlock(cfg).to(F64)
-    with torch.no_grad():
-        block.gate.weight.copy_(layer.router.gate.weight)
-        experts = block.experts
-        if hasattr(experts, "gate_up_proj"):  # transformers 5.x: stacked expert tensors
-            experts.gate_up_proj.copy_(torch.cat([ex.w1_EFD, ex.w3_EFD], dim=1))
-            experts.down_proj.copy_(ex.w2_EDF)
-        else:  # transformers 4.x: one module per expert
-            for e, expert in enumerate(experts):
-                expert.w1.weight.copy_(ex.w1_EFD[e])
-                expert.w3.weight.copy_(ex.w3_EFD[e])
-                expert.w2.weight.copy_(ex.w2_EDF[e])
-    return block
 
 
 def _hf_expert_grads(block, E):
@@ -76,7 +50,7 @@ def test_topk_softmax_swiglu_reproduces_the_mixtral_block(E, K, backend):
     )
     with torch.no_grad():  # a gate with a spread of logits, so the top-k choice is not decided by rounding
         layer.router.gate.weight.normal_(0.0, 0.5)
-    block = _hf_block(layer)
+    block = to_mixtral_block(layer)
     x = torch.randn(B, L, D, dtype=F64)
     gy = torch.randn(B, L, D, dtype=F64)
 
@@ -99,3 +73,24 @@ def test_topk_softmax_swiglu_reproduces_the_mixtral_block(E, K, backend):
     torch.testing.assert_close(ex.w1_EFD.grad, g1, **tol)
     torch.testing.assert_close(ex.w3_EFD.grad, g3, **tol)
     torch.testing.assert_close(ex.w2_EDF.grad, g2, **tol)
+
+
+def test_from_mixtral_block_round_trips_and_reproduces_it():
+    torch.manual_seed(1)
+    layer = smoe.MoE(16, 24, 4, 2, router_kwargs={"order": "topk_softmax"}, dtype=F64)
+    block = to_mixtral_block(layer)
+    back = from_mixtral_block(block, backend="fast")
+    for name, value in layer.state_dict().items():
+        assert torch.equal(back.state_dict()[name], value), name
+    x = torch.randn(2, 5, 16, dtype=F64)
+    with torch.no_grad():
+        out = block(x)
+        y_hf = out[0] if isinstance(out, tuple) else out
+        torch.testing.assert_close(back(x)[0], y_hf, atol=1e-6, rtol=1e-5)
+
+
+def test_to_mixtral_block_refuses_what_mixtral_cannot_hold():
+    with pytest.raises(ValueError, match="SwiGLU"):
+        to_mixtral_block(smoe.MoE(8, 16, 4, 2, expert="gelu"))
+    with pytest.raises(ValueError, match="no linear gate"):
+        to_mixtral_block(smoe.MoE(8, 16, 4, 2, router="hash"))
