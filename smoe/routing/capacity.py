@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["compute_capacity", "capacity_keep_mask"]
+__all__ = ["compute_capacity", "capacity_keep_mask", "token_choice_keep_mask"]
 
 
 def compute_capacity(
@@ -95,3 +95,37 @@ def capacity_keep_mask(
     slot = torch.empty_like(slot_sorted)
     slot[order] = slot_sorted
     return (slot < capacity).view(G, S, K)
+
+
+def token_choice_keep_mask(
+    expert_idx_TK: Tensor,
+    group_size: int,
+    num_experts: int,
+    capacity_factor: float | None,
+    priority_GS: Tensor | None = None,
+    *,
+    rounding: str = "ceil",
+    multiple_of: int = 1,
+) -> Tensor | None:
+    """The capacity mask of top-k choices in routing-group order, or ``None`` when routing is dropless.
+
+    :func:`compute_capacity` for ``K`` choices per token, then :func:`capacity_keep_mask` over the ``T // S``
+    groups: the one step every token-choice-style router takes between selection and plan.
+
+    Args:
+        expert_idx_TK: ``(T, K)`` chosen experts, ``T`` a multiple of ``group_size``.
+        group_size: ``S``.
+        num_experts: ``E``.
+        capacity_factor: ``None`` (dropless: returns ``None``) or ``cf > 0``.
+        priority_GS: Batch Prioritized Routing priority, or ``None`` for position order.
+        rounding / multiple_of: see :func:`compute_capacity`.
+
+    Returns:
+        ``(T, K)`` bool mask (``True`` = kept), or ``None``.
+    """
+    if capacity_factor is None:
+        return None
+    T, K = expert_idx_TK.shape
+    S = group_size
+    capacity = compute_capacity(S, num_experts, capacity_factor, K, rounding=rounding, multiple_of=multiple_of)
+    return capacity_keep_mask(expert_idx_TK.view(T // S, S, K), capacity, num_experts, priority_GS).view(T, K)

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smoe.routing.base import RouterOutput, RoutingContext
-from smoe.routing.capacity import capacity_keep_mask, compute_capacity
+from smoe.routing.capacity import token_choice_keep_mask
 from smoe.routing.plan import sparse_plan_from_topk
 from smoe.routing.registry import register_router
 from smoe.routing.token_choice import GatedRouter
@@ -158,10 +158,7 @@ class _GraphRouter(GatedRouter):
         weight_TK, expert_idx_TK = probs_TE.topk(K, dim=-1)
         if self.renormalize:
             weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-        keep_TK = None
-        if self.capacity_factor is not None:
-            capacity = compute_capacity(S, E, self.capacity_factor, K)
-            keep_TK = capacity_keep_mask(expert_idx_TK.view(G, S, K), capacity, E).view(T, K)
+        keep_TK = token_choice_keep_mask(expert_idx_TK, S, E, self.capacity_factor)
         plan = sparse_plan_from_topk(expert_idx_TK, weight_TK, E, keep_TK)
         losses, total = self.standard_losses(
             logits_TE.view(G, S, E), probs_TE.view(G, S, E), expert_idx_TK.view(G, S, K)

@@ -57,7 +57,7 @@ import torch
 from torch import Tensor
 
 from smoe.routing.base import RouterOutput, RoutingContext
-from smoe.routing.capacity import capacity_keep_mask, compute_capacity
+from smoe.routing.capacity import compute_capacity, token_choice_keep_mask
 from smoe.routing.expert_choice import expert_choice_plan
 from smoe.routing.plan import SparsePlan, sparse_plan_from_topk
 from smoe.routing.registry import register_router
@@ -244,16 +244,13 @@ class SinkhornRouter(GatedRouter):
     def _token_choice(
         self, select_TE: Tensor, logits_TE: Tensor, probs_TE: Tensor, G: int, S: int
     ) -> tuple[SparsePlan, Tensor]:
-        T, E, K = logits_TE.shape[0], self.num_experts, self.top_k
+        E, K = self.num_experts, self.top_k
         expert_idx_TK = select_TE.topk(K, dim=-1).indices
         gate_TE = probs_TE if self.score_fn == "softmax" else torch.sigmoid(logits_TE)
         weight_TK = gate_TE.gather(1, expert_idx_TK)
         if self.renormalize:
             weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-        keep_TK = None
-        if self.capacity_factor is not None:
-            capacity = compute_capacity(S, E, self.capacity_factor, K)
-            keep_TK = capacity_keep_mask(expert_idx_TK.view(G, S, K), capacity, E).view(T, K)
+        keep_TK = token_choice_keep_mask(expert_idx_TK, S, E, self.capacity_factor)
         return sparse_plan_from_topk(expert_idx_TK, weight_TK, E, keep_TK), expert_idx_TK.view(G, S, K)
 
     def extra_repr(self) -> str:

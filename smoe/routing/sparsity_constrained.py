@@ -59,7 +59,7 @@ import torch
 from torch import Tensor
 
 from smoe.routing.base import RouterOutput, RoutingContext
-from smoe.routing.capacity import capacity_keep_mask, compute_capacity
+from smoe.routing.capacity import compute_capacity, token_choice_keep_mask
 from smoe.routing.expert_choice import expert_choice_plan
 from smoe.routing.plan import sparse_plan_from_topk
 from smoe.routing.registry import register_router
@@ -270,10 +270,7 @@ class SparsityConstrainedRouter(GatedRouter):
                 sim_GSE, K, sparse="rows", gamma=self.gamma, num_iters=self.num_iters, lr=self.lr
             )
             expert_idx_TK = _selection_scores(plan_GSE, sim_GSE).view(T, E).topk(K, dim=-1).indices
-            keep_TK = None
-            if self.capacity_factor is not None:
-                capacity = compute_capacity(S, E, self.capacity_factor, K)
-                keep_TK = capacity_keep_mask(expert_idx_TK.view(G, S, K), capacity, E).view(T, K)
+            keep_TK = token_choice_keep_mask(expert_idx_TK, S, E, self.capacity_factor)
             plan = sparse_plan_from_topk(expert_idx_TK, probs_TE.gather(1, expert_idx_TK), E, keep_TK)
             expert_idx_GSK = expert_idx_TK.view(G, S, K)
         losses, total = self.standard_losses(logits_TE.view(G, S, E), probs_TE.view(G, S, E), expert_idx_GSK)

@@ -60,7 +60,7 @@ import torch
 from torch import Tensor
 
 from smoe.routing.base import RouterOutput, RoutingContext
-from smoe.routing.capacity import capacity_keep_mask, compute_capacity
+from smoe.routing.capacity import token_choice_keep_mask
 from smoe.routing.plan import sparse_plan_from_topk
 from smoe.routing.registry import register_router
 from smoe.routing.sinkhorn import check_sinkhorn_options, sinkhorn_plan
@@ -179,10 +179,7 @@ class SSRRouter(GatedRouter):
             ot_fraction = ot_GS.float().mean()
         else:
             ot_fraction = logits_TE.new_zeros(())
-        keep_TK = None
-        if self.capacity_factor is not None:
-            capacity = compute_capacity(S, E, self.capacity_factor, K)
-            keep_TK = capacity_keep_mask(expert_idx_TK.view(G, S, K), capacity, E).view(T, K)
+        keep_TK = token_choice_keep_mask(expert_idx_TK, S, E, self.capacity_factor)
         plan = sparse_plan_from_topk(expert_idx_TK, weight_TK, E, keep_TK)
         losses, total = self.standard_losses(
             logits_TE.view(G, S, E), probs_TE.view(G, S, E), expert_idx_TK.view(G, S, K)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smoe.routing.base import Router, RouterOutput, RoutingContext, router_logits_fp32
-from smoe.routing.capacity import capacity_keep_mask, compute_capacity
+from smoe.routing.capacity import token_choice_keep_mask
 from smoe.routing.losses import importance_loss, load_loss, router_z_loss, switch_balance_loss
 from smoe.routing.plan import sparse_plan_from_topk
 from smoe.routing.registry import register_router
@@ -229,14 +229,17 @@ class TokenChoiceRouter(GatedRouter):
             renormalize=self.renormalize,
             selection_bias_E=self.expert_bias_E,
         )
-        keep_TK = None
-        if self.capacity_factor is not None:
-            capacity = compute_capacity(
-                S, E, self.capacity_factor, K, rounding=self.capacity_rounding, multiple_of=self.capacity_multiple_of
-            )
-            # BPR priority: the token's top-1 gate (noisy in training, as in vmoe), whatever the order
-            priority_GS = probs_TE.max(dim=-1).values.view(G, S) if self.batch_priority else None
-            keep_TK = capacity_keep_mask(expert_idx_TK.view(G, S, K), capacity, E, priority_GS).view(T, K)
+        # BPR priority: the token's top-1 gate (noisy in training, as in vmoe), whatever the order
+        priority_GS = probs_TE.max(dim=-1).values.view(G, S) if self.batch_priority else None
+        keep_TK = token_choice_keep_mask(
+            expert_idx_TK,
+            S,
+            E,
+            self.capacity_factor,
+            priority_GS,
+            rounding=self.capacity_rounding,
+            multiple_of=self.capacity_multiple_of,
+        )
         if self.training and self.tokens_per_expert_E is not None:
             with torch.no_grad():
                 self.tokens_per_expert_E += torch.bincount(expert_idx_TK.reshape(-1), minlength=E).float()
