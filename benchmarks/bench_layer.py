@@ -27,6 +27,11 @@ Run (the default grid takes about ten minutes on 2 CPU cores)::
     python benchmarks/bench_layer.py --threads 2
     python benchmarks/bench_layer.py --quick
     python benchmarks/bench_layer.py --experts 8 64 --top-k 2 --dtype float32 --repeats 9 --no-reference
+    python benchmarks/bench_layer.py --experts 8 64 --top-k 2 --dtype float32 --no-reference --no-hf --gemm-floor
+
+``--gemm-floor`` adds two float32 candidates that time the nine GEMMs of a training step and nothing else: per
+expert with this configuration's routed row counts ("experts' GEMMs": what any engine built on per-expert
+``torch.mm`` pays) and on the dense MLP's ``T*k`` rows ("dense GEMMs").
 """
 
 from __future__ import annotations
@@ -79,6 +84,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="tune glibc malloc first (mallopt: no mmap, no trimming) so that freed memory is reused without\n"
         "page faults, for every candidate alike: a compute-only comparison (see benchmarks/README.md)",
+    )
+    p.add_argument(
+        "--gemm-floor",
+        action="store_true",
+        help="also time the nine GEMMs of a training step alone (float32): once per expert, with the routed row\n"
+        "counts of this configuration, and once on the dense MLP's T*k rows (see benchmarks/README.md)",
     )
     p.add_argument(
         "--quick",
@@ -139,6 +150,53 @@ class Candidate:
             t2 = time.perf_counter()
             f1 = _minor_faults()
         return t1 - t0, t2 - t0, f1 - f0
+
+
+class GemmFloor:
+    """The nine GEMMs of a SwiGLU training step and nothing else: no routing, gather, activation or scatter.
+
+    Forward ``h1 = x W1^T``, ``h3 = x W3^T``, ``out = act W2^T``; backward ``G = g W2``, ``dW2 = g^T act``,
+    ``dW1 = dh1^T x``, ``dW3 = dh3^T x``, ``dx = dh1 W1 + dh3 W3``, each a ``torch.mm(out=...)`` into buffers
+    allocated once (operand values do not matter for the time). With ``counts`` it runs them once per expert on that
+    expert's rows, in the layouts the fused engine uses: the cost any engine built on per-expert ``torch.mm`` pays.
+    Without, once on all rows with one weight: the dense MLP's GEMMs.
+    """
+
+    def __init__(self, D: int, F: int, counts: list[int]):
+        self.counts = [c for c in counts if c]
+        N, E = sum(self.counts), len(self.counts)
+        self.x, self.g, self.out, self.gx = (torch.randn(N, D) for _ in range(4))
+        self.h1, self.h3, self.act, self.G = (torch.randn(N, F) for _ in range(4))
+        self.w1, self.w3, self.w2 = torch.randn(E, F, D), torch.randn(E, F, D), torch.randn(E, D, F)
+        self.gw1, self.gw3, self.gw2 = torch.empty(E, F, D), torch.empty(E, F, D), torch.empty(E, D, F)
+
+    def run(self) -> tuple[float, float, int]:
+        sp = [t.split(self.counts) for t in (self.x, self.g, self.out, self.gx, self.h1, self.h3, self.act, self.G)]
+        x, g, out, gx, h1, h3, act, G = sp
+        w1, w3, w2, gw1, gw3, gw2 = (w.unbind(0) for w in (self.w1, self.w3, self.w2, self.gw1, self.gw3, self.gw2))
+        E = len(self.counts)
+        f0 = _minor_faults()
+        t0 = time.perf_counter()
+        for e in range(E):
+            torch.mm(x[e], w1[e].t(), out=h1[e])
+            torch.mm(x[e], w3[e].t(), out=h3[e])
+            torch.mm(act[e], w2[e].t(), out=out[e])
+        t1 = time.perf_counter()
+        for e in range(E):
+            torch.mm(g[e], w2[e], out=G[e])
+            torch.mm(g[e].t(), act[e], out=gw2[e])
+            torch.mm(h1[e].t(), x[e], out=gw1[e])
+            torch.mm(h3[e].t(), x[e], out=gw3[e])
+            torch.mm(h1[e], w1[e], out=gx[e]).addmm_(h3[e], w3[e])
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t0, _minor_faults() - f0
+
+
+class _FloorCandidate:
+    slow = False
+
+    def __init__(self, name: str, floor: GemmFloor):
+        self.name, self.run = name, floor.run
 
 
 def _minor_faults() -> int:
@@ -221,6 +279,11 @@ def bench_config(args, E: int, K: int, dtype: torch.dtype) -> dict:
     cands.insert(1, Candidate("smoe", layer, x_BLD.to(dtype), _moe_loss))
     if not args.no_reference and E <= args.loop_max_experts:
         cands.insert(2, Candidate("reference", layer, x_BLD.to(dtype), _moe_loss, backend="reference", slow=True))
+    if args.gemm_floor and dtype == torch.float32:
+        with torch.no_grad():
+            counts = layer(x_BLD)[1].stats["tokens_per_expert"].tolist()  # this configuration's routing
+        cands.append(_FloorCandidate("experts' GEMMs", GemmFloor(D, F, counts)))
+        cands.append(_FloorCandidate("dense GEMMs", GemmFloor(D, F, [sum(counts)])))
     single = {}  # slow baselines timed by their warm-up run alone
     for c in cands:
         for _ in range(max(args.warmup, 1 if c.slow else 0)):
@@ -278,6 +341,8 @@ def main(argv=None) -> None:
         names.append("reference")
     if not args.no_hf:
         names += [f"hf {impl}" for impl in args.hf_impls]
+    if args.gemm_floor:
+        names += ["experts' GEMMs", "dense GEMMs"]
     print()
     header = " | ".join(names)
     print(
