@@ -80,6 +80,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hf-impls", nargs="+", default=["eager", "grouped_mm"], help="HF experts implementations")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument(
+        "--device",
+        default="cpu",
+        help="where every candidate runs (cpu, cuda, cuda:1, ...); on a GPU the clock is read after a synchronize",
+    )
+    p.add_argument(
         "--no-page-faults",
         action="store_true",
         help="tune glibc malloc first (mallopt: no mmap, no trimming) so that freed memory is reused without\n"
@@ -103,6 +108,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.repeats, args.slow_repeats = min(args.repeats, 3), min(args.slow_repeats, 2)
     if args.tokens % args.seq_len:
         p.error(f"--tokens {args.tokens} must be a multiple of --seq-len {args.seq_len}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device!r} is not a torch device (expected cpu, cuda, cuda:N, ...)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device!r}: this torch sees no CUDA device")
     return args
 
 
@@ -130,11 +141,23 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so that the host clock measures it (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _gpu_name(device: str) -> str:
+    dev = torch.device(device)
+    return f"; device {dev}: {torch.cuda.get_device_name(dev)}" if dev.type == "cuda" else ""
+
+
 class Candidate:
     """A module, its input and its loss; :meth:`run` returns (forward seconds, forward+backward seconds)."""
 
     def __init__(self, name, module, x, loss, backend=None, slow=False):
         self.name, self.module, self.x, self.loss, self.backend, self.slow = name, module, x, loss, backend, slow
+        self.device = x.device
 
     def run(self) -> tuple[float, float, int]:
         """(forward s, forward+backward s, minor page faults during the run)."""
@@ -142,11 +165,14 @@ class Candidate:
         x = self.x.detach().requires_grad_(True)
         ctx = smoe.use_backend(self.backend) if self.backend else _nullcontext()
         with ctx:
+            _sync(self.device)
             f0 = _minor_faults()
             t0 = time.perf_counter()
             out = self.module(x)
+            _sync(self.device)
             t1 = time.perf_counter()
             self.loss(out).backward()
+            _sync(self.device)
             t2 = time.perf_counter()
             f1 = _minor_faults()
         return t1 - t0, t2 - t0, f1 - f0
@@ -162,25 +188,28 @@ class GemmFloor:
     Without, once on all rows with one weight: the dense MLP's GEMMs.
     """
 
-    def __init__(self, D: int, F: int, counts: list[int]):
-        self.counts = [c for c in counts if c]
+    def __init__(self, D: int, F: int, counts: list[int], device: torch.device):
+        self.counts, self.device = [c for c in counts if c], device
         N, E = sum(self.counts), len(self.counts)
-        self.x, self.g, self.out, self.gx = (torch.randn(N, D) for _ in range(4))
-        self.h1, self.h3, self.act, self.G = (torch.randn(N, F) for _ in range(4))
-        self.w1, self.w3, self.w2 = torch.randn(E, F, D), torch.randn(E, F, D), torch.randn(E, D, F)
-        self.gw1, self.gw3, self.gw2 = torch.empty(E, F, D), torch.empty(E, F, D), torch.empty(E, D, F)
+        randn = lambda *shape: torch.randn(*shape, device=device)  # noqa: E731
+        self.x, self.g, self.out, self.gx = (randn(N, D) for _ in range(4))
+        self.h1, self.h3, self.act, self.G = (randn(N, F) for _ in range(4))
+        self.w1, self.w3, self.w2 = randn(E, F, D), randn(E, F, D), randn(E, D, F)
+        self.gw1, self.gw3, self.gw2 = (torch.empty_like(w) for w in (self.w1, self.w3, self.w2))
 
     def run(self) -> tuple[float, float, int]:
         sp = [t.split(self.counts) for t in (self.x, self.g, self.out, self.gx, self.h1, self.h3, self.act, self.G)]
         x, g, out, gx, h1, h3, act, G = sp
         w1, w3, w2, gw1, gw3, gw2 = (w.unbind(0) for w in (self.w1, self.w3, self.w2, self.gw1, self.gw3, self.gw2))
         E = len(self.counts)
+        _sync(self.device)
         f0 = _minor_faults()
         t0 = time.perf_counter()
         for e in range(E):
             torch.mm(x[e], w1[e].t(), out=h1[e])
             torch.mm(x[e], w3[e].t(), out=h3[e])
             torch.mm(act[e], w2[e].t(), out=out[e])
+        _sync(self.device)
         t1 = time.perf_counter()
         for e in range(E):
             torch.mm(g[e], w2[e], out=G[e])
@@ -188,6 +217,7 @@ class GemmFloor:
             torch.mm(h1[e].t(), x[e], out=gw1[e])
             torch.mm(h3[e].t(), x[e], out=gw3[e])
             torch.mm(h1[e], w1[e], out=gx[e]).addmm_(h3[e], w3[e])
+        _sync(self.device)
         t2 = time.perf_counter()
         return t1 - t0, t2 - t0, _minor_faults() - f0
 
@@ -254,12 +284,13 @@ def check_hf_equivalence(layer: smoe.MoE, block, x_BLD) -> float:
 
 def bench_config(args, E: int, K: int, dtype: torch.dtype) -> dict:
     torch.manual_seed(0)
+    dev = torch.device(args.device)
     B, L, D, F = args.tokens // args.seq_len, args.seq_len, args.dim, args.hidden
-    x_BLD = torch.randn(B, L, D)
+    x_BLD = torch.randn(B, L, D)  # built on CPU (the HF check runs there), moved with each candidate
     layer = smoe.MoE(D, F, E, K).train()
     cands = []
-    dense = MLP(D, F).to(dtype).train()
-    cands.append(Candidate("dense", dense, torch.randn(B * L * K, D).to(dtype), _sum_loss))
+    dense = MLP(D, F).to(dev, dtype).train()
+    cands.append(Candidate("dense", dense, torch.randn(B * L * K, D).to(dev, dtype), _sum_loss))
     notes = []
     if not args.no_hf:
         for impl in args.hf_impls:
@@ -274,16 +305,18 @@ def bench_config(args, E: int, K: int, dtype: torch.dtype) -> dict:
                 notes.append(f"HF vs smoe (Mixtral order) max abs diff {diff:.1e}")
             if impl == "eager" and E > args.loop_max_experts:
                 continue
-            cands.append(Candidate(f"hf {impl}", block.to(dtype), x_BLD.to(dtype), _sum_loss, slow=True))
-    layer = layer.to(dtype)
-    cands.insert(1, Candidate("smoe", layer, x_BLD.to(dtype), _moe_loss))
+            block = block.to(dev, dtype)
+            cands.append(Candidate(f"hf {impl}", block, x_BLD.to(dev, dtype), _sum_loss, slow=True))
+    layer = layer.to(dev, dtype)
+    x_BLD = x_BLD.to(dev, dtype)
+    cands.insert(1, Candidate("smoe", layer, x_BLD, _moe_loss))
     if not args.no_reference and E <= args.loop_max_experts:
-        cands.insert(2, Candidate("reference", layer, x_BLD.to(dtype), _moe_loss, backend="reference", slow=True))
+        cands.insert(2, Candidate("reference", layer, x_BLD, _moe_loss, backend="reference", slow=True))
     if args.gemm_floor and dtype == torch.float32:
         with torch.no_grad():
             counts = layer(x_BLD)[1].stats["tokens_per_expert"].tolist()  # this configuration's routing
-        cands.append(_FloorCandidate("experts' GEMMs", GemmFloor(D, F, counts)))
-        cands.append(_FloorCandidate("dense GEMMs", GemmFloor(D, F, [sum(counts)])))
+        cands.append(_FloorCandidate("experts' GEMMs", GemmFloor(D, F, counts, dev)))
+        cands.append(_FloorCandidate("dense GEMMs", GemmFloor(D, F, [sum(counts)], dev)))
     single = {}  # slow baselines timed by their warm-up run alone
     for c in cands:
         for _ in range(max(args.warmup, 1 if c.slow else 0)):
@@ -329,7 +362,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     print(f"command: python {' '.join(sys.argv)}")
     print(
-        f"machine: {cpu_model()}, {os.cpu_count()} logical CPUs; torch {torch.__version__}, "
+        f"machine: {cpu_model()}, {os.cpu_count()} logical CPUs{_gpu_name(args.device)}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; d={args.dim}, hidden={args.hidden} (SwiGLU), tokens={args.tokens} "
         f"(B={args.tokens // args.seq_len} x L={args.seq_len}); training mode; ratios = median over repeats of "
         f"time / dense time in the same repeat ({args.repeats} repeats of dense and smoe, {args.slow_repeats} of "
