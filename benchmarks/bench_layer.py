@@ -188,8 +188,10 @@ class GemmFloor:
     Without, once on all rows with one weight: the dense MLP's GEMMs.
     """
 
-    def __init__(self, D: int, F: int, counts: list[int], device: torch.device):
-        self.counts, self.device = [c for c in counts if c], device
+    slow = False  # a candidate like the others, timed in every repeat
+
+    def __init__(self, name: str, D: int, F: int, counts: list[int], device: torch.device):
+        self.name, self.counts, self.device = name, [c for c in counts if c], device
         N, E = sum(self.counts), len(self.counts)
         randn = lambda *shape: torch.randn(*shape, device=device)  # noqa: E731
         self.x, self.g, self.out, self.gx = (randn(N, D) for _ in range(4))
@@ -220,13 +222,6 @@ class GemmFloor:
         _sync(self.device)
         t2 = time.perf_counter()
         return t1 - t0, t2 - t0, _minor_faults() - f0
-
-
-class _FloorCandidate:
-    slow = False
-
-    def __init__(self, name: str, floor: GemmFloor):
-        self.name, self.run = name, floor.run
 
 
 def _minor_faults() -> int:
@@ -315,8 +310,8 @@ def bench_config(args, E: int, K: int, dtype: torch.dtype) -> dict:
     if args.gemm_floor and dtype == torch.float32:
         with torch.no_grad():
             counts = layer(x_BLD)[1].stats["tokens_per_expert"].tolist()  # this configuration's routing
-        cands.append(_FloorCandidate("experts' GEMMs", GemmFloor(D, F, counts, dev)))
-        cands.append(_FloorCandidate("dense GEMMs", GemmFloor(D, F, [sum(counts)], dev)))
+        cands.append(GemmFloor("experts' GEMMs", D, F, counts, dev))
+        cands.append(GemmFloor("dense GEMMs", D, F, [sum(counts)], dev))
     single = {}  # slow baselines timed by their warm-up run alone
     for c in cands:
         for _ in range(max(args.warmup, 1 if c.slow else 0)):
