@@ -1,0 +1,56 @@
+"""The benchmark scripts run end to end in their ``--quick`` mode and print a row per configuration.
+
+Only that they run and report finite ratios is tested here: speed itself is measured by the scripts, never asserted
+in a unit test (``benchmarks/README.md`` holds the figures and the commands).
+"""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _table_rows(text: str, first_cell: str) -> list[list[str]]:
+    rows = [line.strip("|").split("|") for line in text.splitlines() if line.startswith("| ")]
+    return [[c.strip() for c in r] for r in rows if r[0].strip() == first_cell]
+
+
+@pytest.mark.slow
+def test_layer_benchmark_quick_with_gemm_floor(capsys):
+    bench = _load("bench_layer")
+    bench.main(["--quick", "--no-hf", "--gemm-floor", "--dtype", "float32"])
+    out = capsys.readouterr().out
+    header = _table_rows(out, "E")[0]
+    assert header[4:8] == ["smoe", "reference", "experts' GEMMs", "dense GEMMs (fwd+bwd)"]
+    rows = _table_rows(out, "8") + _table_rows(out, "16")
+    assert len(rows) == 4  # E in {8, 16} x k in {1, 2}
+    for row in rows:
+        ratios = [float(c) for c in row[4:8]]
+        assert all(math.isfinite(r) and r > 0 for r in ratios), row
+
+
+def test_layer_benchmark_rejects_a_bad_device(capsys):
+    bench = _load("bench_layer")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "not-a-device"])
+    assert "--device 'not-a-device' is not a torch device" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_router_benchmark_quick(capsys):
+    bench = _load("bench_routers")
+    bench.main(["--quick"])
+    out = capsys.readouterr().out
+    rows = [r for r in (line.strip("|").split("|") for line in out.splitlines() if line.startswith("| ")) if r]
+    names = {r[0].strip() for r in rows}
+    assert {"token_choice", "expert_choice", "soft", "sinkhorn"} <= names
