@@ -55,7 +55,9 @@ def _with_weight(plan, weight_N):
     )
 
 
-@pytest.mark.parametrize("needs", ["all", "no_x", "no_weight", "only_w2", "only_x", "none"])
+@pytest.mark.parametrize(
+    "needs", ["all", "no_x", "no_weight", "only_w2", "only_x", "only_weight", "weight_and_w1", "none"]
+)
 def test_loop_kernel_gradients_match_reference(needs):
     T, E, K, D, F = 9, 5, 2, 8, 12
     plan = _plan(T, E, K, counts_zero=(3,))
@@ -68,6 +70,8 @@ def test_loop_kernel_gradients_match_reference(needs):
         "no_weight": (True, False, True, True, True),
         "only_w2": (False, False, False, False, True),
         "only_x": (True, False, False, False, False),
+        "only_weight": (False, True, False, False, False),
+        "weight_and_w1": (False, True, True, False, False),
         "none": (False, False, False, False, False),
     }[needs]
     leaves = [x, weight_N, experts.w1_EFD, experts.w3_EFD, experts.w2_EDF]
