@@ -144,6 +144,14 @@ def semi_dual_objective(
     return a * alpha_Gn.sum(1) - b * max_omega_Gm.sum(1)
 
 
+def _check_solver_options(gamma: float, num_iters: int) -> None:
+    """``ValueError`` for a regularisation ``gamma <= 0`` or a negative iteration count (solver and router alike)."""
+    if gamma <= 0:
+        raise ValueError(f"gamma must be > 0, got {gamma!r}")
+    if num_iters < 0:
+        raise ValueError(f"num_iters must be >= 0, got {num_iters!r}")
+
+
 def sparse_semi_dual_plan(
     sim_GSE: Tensor,
     nnz: int,
@@ -173,10 +181,7 @@ def sparse_semi_dual_plan(
     """
     if nnz < 1:
         raise ValueError(f"nnz must be >= 1, got {nnz!r}")
-    if gamma <= 0:
-        raise ValueError(f"gamma must be > 0, got {gamma!r}")
-    if num_iters < 0:
-        raise ValueError(f"num_iters must be >= 0, got {num_iters!r}")
+    _check_solver_options(gamma, num_iters)
     G, S, E = sim_GSE.shape
     a, b = (1.0, S / E) if sparse == "columns" else (S / E, 1.0)
     b1, b2 = betas
@@ -232,10 +237,7 @@ class SparsityConstrainedRouter(GatedRouter):
         super().__init__(balance_loss_weight=balance_loss_weight, **kwargs)
         if variant not in ("expert_choice", "token_choice"):
             raise ValueError(f"variant must be 'expert_choice' or 'token_choice', got {variant!r}")
-        if gamma <= 0:
-            raise ValueError(f"gamma must be > 0, got {gamma!r}")
-        if num_iters < 0:
-            raise ValueError(f"num_iters must be >= 0, got {num_iters!r}")
+        _check_solver_options(gamma, num_iters)
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr!r}")
         if noise_std < 0:

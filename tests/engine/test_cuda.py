@@ -11,23 +11,13 @@ import copy
 
 import pytest
 import torch
-from test_equivalence import CASES, F64, make_layer
+from test_equivalence import CASES, F64, _grads, make_layer
 
 import smoe
 from smoe.engine.backend import choose_kernel
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
-
-
-def _output_and_grads(layer, x, gy, backend):
-    x = x.detach().clone().requires_grad_(True)
-    with smoe.use_backend(backend):
-        y, _ = layer(x)
-    params = list(layer.parameters())
-    grads = torch.autograd.grad((y * gy).sum(), [x, *params], allow_unused=True)
-    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, [x, *params])]
-    return [y.detach(), *grads]
 
 
 def _check_on_device(case, dtype, atol, rtol, backend="auto"):
@@ -38,8 +28,9 @@ def _check_on_device(case, dtype, atol, rtol, backend="auto"):
     dev_layer = copy.deepcopy(ref).to(CUDA, dtype)
     x = torch.randn(shape, dtype=F64)
     gy = torch.randn(shape, dtype=F64)
-    want = _output_and_grads(ref, x, gy, "reference")
-    got = _output_and_grads(dev_layer, x.to(CUDA, dtype), gy.to(CUDA, dtype), backend)
+    y_want, g_want, _ = _grads(ref, x, "reference", gy)
+    y_got, g_got, _ = _grads(dev_layer, x.to(CUDA, dtype), backend, gy.to(CUDA, dtype))
+    want, got = [y_want, *g_want], [y_got, *g_got]
     names = ["output", "input"] + [n for n, _ in ref.named_parameters()]
     for name, a, b in zip(names, got, want):
         torch.testing.assert_close(a.double().cpu(), b, atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
