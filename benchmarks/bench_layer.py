@@ -46,8 +46,8 @@ import time
 import torch
 
 import smoe
-import smoe.engine.buffers
-from smoe.layers.experts import MLP
+import smoe.experts.buffers
+from smoe.experts import MLP
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -344,7 +344,7 @@ def bench_config(args, E: int, K: int, dtype: torch.dtype) -> dict:
             statistics.median(t[1] / d[1] for t, d in pairs),
         )
     del cands, layer, dense
-    smoe.engine.buffers.clear()  # the next configuration's sizes differ: do not keep this one's memory
+    smoe.experts.buffers.clear()  # the next configuration's sizes differ: do not keep this one's memory
     return out
 
 

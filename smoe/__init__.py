@@ -1,6 +1,7 @@
 """smoe: sparse Mixture-of-Experts for PyTorch.
 
-Every router returns a routing plan; one engine moves tokens to experts and back.
+Every router returns a routing plan; one engine moves tokens to experts and back; the experts compute themselves:
+router -> plan -> dispatch -> experts -> combine.
 
 >>> import torch, smoe
 >>> layer = smoe.MoE(dim=64, hidden_dim=128, num_experts=8, top_k=2)
@@ -9,8 +10,33 @@ Every router returns a routing plan; one engine moves tokens to experts and back
 torch.Size([4, 16, 64])
 """
 
-from smoe.engine import BACKENDS, get_backend, run_plan, set_backend, use_backend
-from smoe.layers import MLP, Experts, MoE, MoEAux
+from smoe.engine import (
+    BACKENDS,
+    Dispatcher,
+    LocalDispatcher,
+    get_backend,
+    get_dispatcher,
+    list_dispatchers,
+    register_dispatcher,
+    run_plan,
+    set_backend,
+    use_backend,
+)
+from smoe.experts import (
+    MLP,
+    Experts,
+    GELUExperts,
+    MLPExperts,
+    ModuleExperts,
+    ReLUExperts,
+    SwiGLUExperts,
+    build_experts,
+    get_experts,
+    list_experts,
+    register_experts,
+)
+from smoe.interop import swap_router
+from smoe.layers import MoE, MoEAux
 from smoe.models.presets import build_model, get_preset, list_presets
 from smoe.routing import (
     DensePlan,
@@ -32,7 +58,22 @@ __all__ = [
     "MoE",
     "MoEAux",
     "Experts",
+    "MLPExperts",
+    "SwiGLUExperts",
+    "GELUExperts",
+    "ReLUExperts",
+    "ModuleExperts",
+    "register_experts",
+    "get_experts",
+    "list_experts",
+    "build_experts",
     "MLP",
+    "Dispatcher",
+    "LocalDispatcher",
+    "register_dispatcher",
+    "get_dispatcher",
+    "list_dispatchers",
+    "swap_router",
     "Router",
     "RouterOutput",
     "RoutingContext",

@@ -19,17 +19,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from smoe.experts import SwiGLUExperts
 from smoe.layers.moe import MoE
+from smoe.routing.gated import GatedRouter
 
 __all__ = ["to_mixtral_block", "from_mixtral_block"]
 
 
 def _check_convertible(layer: MoE) -> None:
     ex = layer.experts
-    if ex.activation != "swiglu" or ex.b1_EF is not None or layer.shared_expert is not None:
+    if not isinstance(ex, SwiGLUExperts) or ex.bias or layer.shared_expert is not None:
         raise ValueError("only bias-free SwiGLU experts without a shared expert map to a Mixtral block")
-    if not hasattr(layer.router, "gate"):
-        raise ValueError(f"router {type(layer.router).__name__} has no linear gate to copy into a Mixtral block")
+    router = layer.router
+    if not isinstance(router, GatedRouter) or not isinstance(router.gate, nn.Linear) or router.gate.bias is not None:
+        raise ValueError(
+            f"router {layer.router.name!r} has no linear gate to copy into a Mixtral block (a bias-free nn.Linear)"
+        )
 
 
 def to_mixtral_block(layer: MoE) -> nn.Module:

@@ -1,9 +1,17 @@
-"""The MoE layer: router -> routing plan -> engine -> (+ shared expert).
+"""The MoE layer: router -> routing plan -> dispatch -> experts -> combine (+ shared expert).
 
-``y, aux = MoE(...)(x)``: ``x`` is ``(T, D)`` or ``(B, L, D)``; ``y`` has the same shape; ``aux.loss`` is the
-weighted auxiliary loss (a scalar tensor, zero when none applies); ``aux.losses`` the unweighted losses by name;
-``aux.stats`` routing statistics as tensors; ``aux.plan`` the routing plan (for diagnostics). Losses are returned
-values, never globals.
+``y, aux = MoE(...)(x)``: ``x`` is ``(T, D)`` or ``(B, L, D)``; ``y`` has the same leading shape and the experts'
+output width (``D`` for MLP experts); ``aux.loss`` is the weighted auxiliary loss (a scalar tensor, zero when none
+applies); ``aux.losses`` the unweighted losses by name; ``aux.stats`` routing statistics as tensors; ``aux.plan`` the
+routing plan and ``aux.probs_TE`` the router probabilities (for diagnostics and model-level losses). Losses are
+returned values, never globals.
+
+The layer composes three parts, each given by a registered name or as an instance:
+
+* ``router=`` -- who goes where (:mod:`smoe.routing`, ``smoe.list_routers()``);
+* ``experts=`` -- what each expert computes (:mod:`smoe.experts`, ``smoe.list_experts()``; any ``nn.Module`` per
+  expert through :class:`~smoe.experts.module.ModuleExperts`);
+* ``dispatcher=`` -- how tokens move to the experts and back (:mod:`smoe.engine.dispatcher`, ``"local"``).
 
 Routing groups. Routers that make tokens compete (capacity, BPR, expert choice, Soft MoE, ...) do so inside
 *groups* (vmoe routes per group, reference §1.1). ``group_mode`` decides them for a ``(B, L, D)`` input:
@@ -17,6 +25,11 @@ Routing groups. Routers that make tokens compete (capacity, BPR, expert choice, 
 
 A layer built with ``causal=True`` and a token-coupling router refuses any mode but ``"position"`` unless
 ``allow_token_coupling=True``.
+
+Evaluation capacity (V-MoE, Riquelme et al. 2021 §3.1.3; reference §3.1.3): :meth:`MoE.set_eval_capacity` gives the
+router another capacity factor (and Batch Prioritized Routing setting) in ``eval()`` mode, e.g. ``cf < 1`` with BPR
+for adaptive compute; ``train()`` restores the training capacity. Only routers that declare the option
+(``Router.capacity_options``) accept it.
 """
 
 from __future__ import annotations
@@ -28,7 +41,8 @@ from torch import Tensor, nn
 
 from smoe.engine import run_plan
 from smoe.engine.backend import resolve_backend
-from smoe.layers.experts import EXPERT_ACTIVATIONS, MLP, Experts
+from smoe.engine.dispatcher import Dispatcher, build_dispatcher
+from smoe.experts import MLP, Experts, MLPExperts, build_experts
 from smoe.routing.base import Router, RoutingContext
 from smoe.routing.plan import DensePlan, SparsePlan
 from smoe.routing.registry import build_router
@@ -48,12 +62,15 @@ class MoEAux:
         stats: routing statistics (tensors): ``tokens_per_expert`` ``(E,)``, ``drop_rate``, ``unrouted_fraction``,
             ``router_entropy`` (mean per-token entropy of the router probabilities, nats), ``tokens_processed``.
         plan: the routing plan of this call.
+        probs_TE: ``(T, E)`` router probabilities in routing order (differentiable), or ``None`` when the router
+            gives none.
     """
 
     loss: Tensor
     losses: dict[str, Tensor] = field(default_factory=dict)
     stats: dict[str, Tensor] = field(default_factory=dict)
     plan: SparsePlan | DensePlan | None = None
+    probs_TE: Tensor | None = None
 
 
 def _routing_stats(plan, probs_TE: Tensor | None, num_tokens: int) -> dict[str, Tensor]:
@@ -80,40 +97,60 @@ def _routing_stats(plan, probs_TE: Tensor | None, num_tokens: int) -> dict[str, 
         return stats
 
 
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
 class MoE(nn.Module):
-    """Sparse Mixture-of-Experts layer.
+    """Sparse Mixture-of-Experts layer (module docstring).
 
     Args:
-        dim: model width ``D``.
-        hidden_dim: expert hidden width ``F``.
+        dim: model width ``D`` (the width of the rows the experts take).
+        hidden_dim: expert hidden width ``F`` for experts built by name; may be ``None`` with an ``experts``
+            instance.
         num_experts: ``E``.
         top_k: experts per token ``K`` (for expert choice: the default capacity factor).
-        router: a registered router name (see :func:`smoe.list_routers`) or a :class:`~smoe.routing.Router`.
+        router: a registered router name (:func:`smoe.list_routers`) or a :class:`~smoe.routing.Router`.
         capacity_factor: ``None`` for dropless routing, else the capacity factor (> 0).
-        expert: ``"swiglu"`` (default) or ``"gelu"``.
-        expert_bias: biases in GELU experts.
-        shared_expert_hidden_dim: hidden width of an always-on shared expert (0 = none).
-        group_mode: ``"batch"``, ``"sequence"``, ``"position"`` (see module docstring).
+        experts: a registered expert type (:func:`smoe.list_experts`; default ``"swiglu"``) or an
+            :class:`~smoe.experts.Experts` instance.
+        dispatcher: a registered dispatcher name (default ``"local"``) or a
+            :class:`~smoe.engine.dispatcher.Dispatcher` instance.
+        expert: the older spelling of ``experts=`` for a name (``"swiglu"``, ``"gelu"``, ``"relu"``).
+        expert_bias: biases on the expert projections (experts built by name).
+        expert_kwargs: further options of the expert type built by name.
+        shared_expert_hidden_dim: hidden width of an always-on shared expert, a dense MLP of the experts'
+            activation (0 = none; DeepSeekMoE / Qwen2-MoE).
+        shared_expert_gate: scale the shared expert's output by a learned ``sigmoid(x W_g)``, ``W_g`` of shape
+            ``(1, D)`` (Qwen2-MoE's ``shared_expert_gate``).
+        shared_expert: a shared expert module instead of ``shared_expert_hidden_dim``.
+        group_mode: ``"batch"``, ``"sequence"``, ``"position"`` (module docstring).
         group_size: contiguous routing groups of this many tokens (overrides ``group_mode``).
         causal: the layer sits in an autoregressive model; coupling routers must not leak across positions.
         allow_token_coupling: opt in to a leaking configuration in a causal model.
         backend: engine backend override (``None``: process default; see :mod:`smoe.engine.backend`).
-        router_kwargs: extra router-specific options.
+        router_kwargs: extra router-specific options (routers built by name).
         check_inputs: validate the input (shape, finiteness) on every call.
     """
 
     def __init__(
         self,
         dim: int,
-        hidden_dim: int,
+        hidden_dim: int | None,
         num_experts: int,
         top_k: int = 2,
         router: str | Router = "token_choice",
         capacity_factor: float | None = None,
         *,
-        expert: str = "swiglu",
+        experts: str | Experts | None = None,
+        dispatcher: str | Dispatcher = "local",
+        expert: str | None = None,
         expert_bias: bool = False,
+        expert_kwargs: dict | None = None,
         shared_expert_hidden_dim: int = 0,
+        shared_expert_gate: bool = False,
+        shared_expert: nn.Module | None = None,
         group_mode: str = "batch",
         group_size: int | None = None,
         causal: bool = False,
@@ -125,27 +162,31 @@ class MoE(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        for name, value in (("dim", dim), ("hidden_dim", hidden_dim), ("num_experts", num_experts)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+        _positive_int("dim", dim)
+        _positive_int("num_experts", num_experts)
+        if hidden_dim is not None or not isinstance(experts, Experts):
+            _positive_int("hidden_dim", hidden_dim)
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be an integer in [1, num_experts={num_experts}], got {top_k!r}")
         if capacity_factor is not None and not capacity_factor > 0:
             raise ValueError(f"capacity_factor must be None (dropless) or > 0, got {capacity_factor!r}")
-        if expert not in EXPERT_ACTIVATIONS:
-            raise ValueError(f"expert must be one of {EXPERT_ACTIVATIONS}, got {expert!r}")
         if group_mode not in GROUP_MODES:
             raise ValueError(f"group_mode must be one of {GROUP_MODES}, got {group_mode!r}")
         if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
             raise ValueError(f"group_size must be None or a positive integer, got {group_size!r}")
+        if not isinstance(shared_expert_hidden_dim, int) or shared_expert_hidden_dim < 0:
+            raise ValueError(f"shared_expert_hidden_dim must be an integer >= 0, got {shared_expert_hidden_dim!r}")
+        if shared_expert is not None and shared_expert_hidden_dim:
+            raise ValueError("give shared_expert= or shared_expert_hidden_dim=, not both")
         if backend is not None:
             resolve_backend(backend)  # validates the name
         self.dim, self.hidden_dim, self.num_experts, self.top_k = dim, hidden_dim, num_experts, top_k
-        self.capacity_factor = capacity_factor
         self.group_mode, self.group_size = group_mode, group_size
         self.causal, self.allow_token_coupling = causal, allow_token_coupling
         self.backend, self.check_inputs = backend, check_inputs
         dd = {"device": device, "dtype": dtype}
+
+        # 1. the router
         if isinstance(router, Router):
             self.router = router
         elif isinstance(router, str):
@@ -160,13 +201,57 @@ class MoE(nn.Module):
             )
         else:
             raise ValueError(f"router must be a registered name or a Router instance, got {type(router).__name__}")
-        self.experts = Experts(dim, hidden_dim, num_experts, activation=expert, bias=expert_bias, **dd)
-        self.shared_expert = (
-            MLP(dim, shared_expert_hidden_dim, activation=expert, bias=expert_bias, **dd)
-            if shared_expert_hidden_dim
-            else None
-        )
+        if self.router.num_experts != num_experts:
+            raise ValueError(f"router has num_experts={self.router.num_experts}, the layer {num_experts}")
+
+        # 2. the experts
+        if experts is not None and expert is not None:
+            raise ValueError(f"give experts= or its older spelling expert=, not both (got {experts!r} and {expert!r})")
+        if isinstance(experts, Experts):
+            if expert_kwargs or expert_bias:
+                raise ValueError("expert_bias / expert_kwargs apply to experts built by name, not to an instance")
+            self.experts = experts
+        elif isinstance(experts, str | None):
+            self.experts = build_experts(
+                experts or expert or "swiglu",
+                dim=dim,
+                hidden_dim=hidden_dim,
+                num_experts=num_experts,
+                bias=expert_bias,
+                **dd,
+                **(expert_kwargs or {}),
+            )
+        else:
+            raise ValueError(f"experts must be a registered name or an Experts instance, got {type(experts).__name__}")
+        if self.experts.num_experts != num_experts:
+            raise ValueError(f"experts hold num_experts={self.experts.num_experts}, the layer {num_experts}")
+        if self.experts.dim is not None and self.experts.dim != dim:
+            raise ValueError(f"experts take rows of width {self.experts.dim}, the layer has dim={dim}")
+
+        # 3. the dispatcher
+        if isinstance(dispatcher, str):
+            dispatcher = build_dispatcher(dispatcher)
+        if not isinstance(dispatcher, Dispatcher):
+            raise ValueError(f"dispatcher must be a registered name or a Dispatcher, got {type(dispatcher).__name__}")
+        self.dispatcher = dispatcher
+
+        # 4. the shared expert (always on), optionally gated
+        if shared_expert_hidden_dim:
+            if not isinstance(self.experts, MLPExperts):
+                raise ValueError("shared_expert_hidden_dim needs MLP experts; pass a shared_expert= module instead")
+            shared_expert = MLP(
+                dim, shared_expert_hidden_dim, activation=self.experts.activation, bias=self.experts.bias, **dd
+            )
+        self.shared_expert = shared_expert
+        if shared_expert_gate and shared_expert is None:
+            raise ValueError("shared_expert_gate=True needs a shared expert")
+        self.shared_expert_gate = nn.Linear(dim, 1, bias=False, **dd) if shared_expert_gate else None
+
+        self._eval_capacity: tuple[float | None, bool | None] | None = None
+        self._train_capacity: tuple[float | None, bool | None] | None = None
         self.check_causal_safety()
+
+    # -- causal safety ----------------------------------------------------------------------------------------
 
     @property
     def leaks_across_positions(self) -> bool:
@@ -176,13 +261,73 @@ class MoE(nn.Module):
     def check_causal_safety(self) -> None:
         """Raise ``ValueError`` for a causal layer whose router would leak future tokens (unless opted in)."""
         if self.causal and self.leaks_across_positions and not self.allow_token_coupling:
-            name = getattr(self.router, "registry_name", type(self.router).__name__)
             raise ValueError(
-                f"router {name!r} makes tokens compete, so in group_mode={self.group_mode!r}"
+                f"router {self.router.name!r} makes tokens compete, so in group_mode={self.group_mode!r}"
                 f"{'' if self.group_size is None else f', group_size={self.group_size}'} a token's output depends on "
                 "later tokens of its sequence (leakage in a causal model). Use group_mode='position' (tokens compete "
                 "only across the batch at the same position) or pass allow_token_coupling=True to accept the leak."
             )
+
+    # -- evaluation capacity ----------------------------------------------------------------------------------
+
+    @property
+    def capacity_factor(self) -> float | None:
+        """The router's capacity factor in force (``None``: dropless, or a router without one)."""
+        return self.router.capacity()[0]
+
+    def set_eval_capacity(self, capacity_factor: float | None, batch_priority: bool | None = None) -> None:
+        """Use this capacity factor (and BPR setting) in ``eval()`` mode; training keeps its own.
+
+        Args:
+            capacity_factor: ``None`` (dropless) or ``> 0``.
+            batch_priority: Batch Prioritized Routing at evaluation; ``None`` keeps the training setting.
+
+        Raises:
+            ValueError: the router does not declare the option, a value is out of range, or the evaluation setting
+                would make a causal layer leak (nothing is changed then).
+        """
+        if batch_priority and capacity_factor is None:
+            raise ValueError("batch_priority=True needs a capacity_factor (BPR only decides which tokens are dropped)")
+        train = self._train_capacity if self._train_capacity is not None else self.router.capacity()
+        self.router.set_capacity(capacity_factor, batch_priority)  # validates first: nothing changes on an error
+        try:
+            self.check_causal_safety()  # a capacity at evaluation can make a causal layer leak: refuse it now
+        finally:
+            self.router.set_capacity(*train)  # training capacity until eval() applies the new one
+        self._train_capacity, self._eval_capacity = train, (capacity_factor, batch_priority)
+        self._apply_capacity()
+
+    def capacity_state(self) -> tuple:
+        """The evaluation-capacity state, to restore with :meth:`restore_capacity_state` (atomic model updates)."""
+        return self._train_capacity, self._eval_capacity
+
+    def restore_capacity_state(self, state: tuple) -> None:
+        self.clear_eval_capacity()
+        self._train_capacity, self._eval_capacity = state
+        self._apply_capacity()
+
+    def clear_eval_capacity(self) -> None:
+        """Forget the evaluation capacity: both modes use the training capacity (e.g. after a router swap)."""
+        if self._train_capacity is not None and "capacity_factor" in self.router.capacity_options:
+            self.router.set_capacity(*self._train_capacity)
+        self._train_capacity = self._eval_capacity = None
+
+    def train(self, mode: bool = True) -> MoE:
+        super().train(mode)
+        self._apply_capacity()
+        return self
+
+    def _apply_capacity(self) -> None:
+        if self._eval_capacity is None or self._train_capacity is None:
+            return
+        train_cf, train_bp = self._train_capacity
+        if self.training:
+            self.router.set_capacity(train_cf, train_bp)
+        else:
+            cf, bp = self._eval_capacity
+            self.router.set_capacity(cf, train_bp if bp is None else bp)
+
+    # -- forward ----------------------------------------------------------------------------------------------
 
     def _validate(self, x: Tensor) -> None:
         if x.dim() not in (2, 3):
@@ -214,11 +359,13 @@ class MoE(nn.Module):
             return x.reshape(T, -1), L, (B, L)
         return x.reshape(T, -1), T, (B, L)
 
-    def _ungroup(self, y_TD: Tensor, shape: torch.Size, BL: tuple[int, int]) -> Tensor:
+    def _ungroup(self, y_T: Tensor, lead: torch.Size, BL: tuple[int, int]) -> Tensor:
+        """Back to the input's leading shape ``lead``; the experts' output shape trails."""
         B, L = BL
+        out = y_T.shape[1:]
         if self.group_size is None and self.group_mode == "position":
-            y_TD = y_TD.view(L, B, -1).transpose(0, 1)
-        return y_TD.reshape(shape)
+            y_T = y_T.view(L, B, *out).transpose(0, 1)
+        return y_T.reshape(*lead, *out)
 
     def forward(
         self, x: Tensor, *, token_ids: Tensor | None = None, attn_probs: Tensor | None = None
@@ -227,12 +374,12 @@ class MoE(nn.Module):
 
         Args:
             x: ``(T, D)`` or ``(B, L, D)``.
-            token_ids: optional input token ids, shape ``x.shape[:-1]`` (hash routing).
-            attn_probs: optional attention probabilities from the preceding attention layer (attention-aware
-                routing), ``(B, H, L, L)`` or ``(B, L, L)``.
+            token_ids: optional input token ids, shape ``x.shape[:-1]`` (routers with ``needs_token_ids``).
+            attn_probs: optional attention probabilities from the preceding attention layer (routers with
+                ``needs_attention_probs``), ``(B, H, L, L)`` or ``(B, L, L)``.
 
         Returns:
-            ``(y, aux)`` with ``y`` of ``x``'s shape.
+            ``(y, aux)`` with ``y`` of shape ``(*x.shape[:-1], *out)`` (``out = (D,)`` for MLP experts).
         """
         self._validate(x)
         x_TD, S, BL = self._group(x)
@@ -246,20 +393,28 @@ class MoE(nn.Module):
             ids_T = ids_T.squeeze(-1)
         mode = "size" if self.group_size is not None else self.group_mode
         ctx = RoutingContext(group_size=S, token_ids_T=ids_T, attn_probs=attn_probs, batch_shape=BL, group_mode=mode)
-        out = self.router(x_TD, ctx)
-        engine_in = x_TD if out.inputs_RD is None else out.inputs_RD
-        y_TD = run_plan(engine_in, out.plan, self.experts, self.backend)
-        y = self._ungroup(y_TD, x.shape, BL)
+        # router -> plan
+        routed = self.router(x_TD, ctx)
+        # dispatch -> experts -> combine (the router may add rows: S2MoE's noisy copy)
+        rows_RD = x_TD if routed.inputs_RD is None else routed.inputs_RD
+        y_T = run_plan(rows_RD, routed.plan, self.experts, self.backend, self.dispatcher)
+        y = self._ungroup(y_T, x.shape[:-1], BL)
+        # + the shared expert
         if self.shared_expert is not None:
-            y = y + self.shared_expert(x)
-        stats = _routing_stats(out.plan, out.probs_TE, x_TD.shape[0])
-        stats.update(out.stats)
-        for name, value in out.losses.items():
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            y = y + shared
+        stats = _routing_stats(routed.plan, routed.probs_TE, x_TD.shape[0])
+        stats.update(routed.stats)
+        for name, value in routed.losses.items():
             stats[f"loss_{name}"] = value.detach()
-        return y, MoEAux(loss=out.loss, losses=out.losses, stats=stats, plan=out.plan)
+        return y, MoEAux(
+            loss=routed.loss, losses=routed.losses, stats=stats, plan=routed.plan, probs_TE=routed.probs_TE
+        )
 
     def extra_repr(self) -> str:
         return (
             f"top_k={self.top_k}, capacity_factor={self.capacity_factor}, group_mode={self.group_mode}, "
-            f"group_size={self.group_size}, causal={self.causal}"
+            f"group_size={self.group_size}, causal={self.causal}, dispatcher={self.dispatcher!r}"
         )

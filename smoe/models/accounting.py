@@ -15,15 +15,16 @@ Conventions (stated, because papers differ):
 
 * **Active parameters** = all parameters minus, in each MoE layer, the routed experts a token does not use:
   ``total - sum_layers expert_params * (1 - k / E)``. Embedding tables count in full (as Mixtral and DeepSeek
-  report; Kaplan et al. 2020 exclude them). ``k`` is the *nominal* number of experts per token: ``top_k`` for
-  token choice (capacity drops make the real number smaller), the capacity factor for expert choice (each expert
-  takes ``cf * S / E`` of ``S`` tokens), the router's own ``experts_per_token`` attribute when it has one, or, for
-  Soft MoE, the slots per token ``E * C / S`` (every expert evaluates ``C`` slots per group of ``S`` tokens; ``S``
-  is the layer's ``group_size``, or the sequence length in ``group_mode="sequence"``; in the other modes ``S``
-  depends on the batch and the count falls back to ``top_k``).
+  report; Kaplan et al. 2020 exclude them). ``k`` is the *nominal* number of experts per token, as the router
+  declares it (:meth:`smoe.Router.experts_per_token`): ``top_k`` for token choice (capacity drops make the real
+  number smaller), the capacity factor for expert choice (each expert takes ``cf * S / E`` of ``S`` tokens), or,
+  for Soft MoE, the slots per token ``E * C / S`` (every expert evaluates ``C`` slots per group of ``S`` tokens;
+  ``S`` is the layer's ``group_size``, or the sequence length in ``group_mode="sequence"``; in the other modes
+  ``S`` depends on the batch and the count falls back to ``top_k``).
 * **FLOPs** count multiply-adds of matrix products as 2 FLOPs: ``2 * weights`` for every linear layer a token
   passes through (attention projections, dense MLPs, router gates = router parameters with >= 2 dims, ``k``
-  experts, shared experts, the output head even when tied; Soft MoE's slot mixing, ``2 * E * C * D`` each for
+  experts (``Experts.flops_per_row``), shared experts and their gate, the output head even when tied; the
+  router's own extra work, ``Router.extra_flops_per_token``: Soft MoE's slot mixing, ``2 * E * C * D`` each for
   dispatch and combine), plus ``4 * context * D`` per attention layer for the
   ``QK^T`` and ``PV`` products over the full context (no halving for causal masks, as Kaplan et al. 2020 and
   PaLM count). Norms, biases, softmax, activations, embedding lookups and routing sorts are not counted. This is
@@ -46,8 +47,9 @@ __all__ = [
 ]
 
 
-def _soft_group_size(moe: MoE, context_len: int | None) -> int | None:
-    """Tokens per routing group of a dense-plan (Soft MoE) layer, when the model's shapes fix it."""
+def _known_group_size(moe: MoE, context_len: int | None) -> int | None:
+    """Tokens per routing group of ``moe`` when the model's shapes fix it (``group_size``, or the sequence length
+    in ``group_mode="sequence"``); ``None`` when it depends on the batch."""
     if moe.group_size is not None:
         return moe.group_size
     if moe.group_mode == "sequence":
@@ -56,30 +58,13 @@ def _soft_group_size(moe: MoE, context_len: int | None) -> int | None:
 
 
 def experts_per_token(moe: MoE, context_len: int | None = None) -> float:
-    """Nominal experts one token uses in ``moe`` (see the module docstring).
+    """Nominal experts one token uses in ``moe``, as its router declares (:meth:`smoe.Router.experts_per_token`).
 
     Args:
         moe: the layer.
-        context_len: tokens per sequence of the model (sets a Soft MoE layer's group size in ``"sequence"`` mode).
+        context_len: tokens per sequence of the model (sets the group size in ``"sequence"`` mode).
     """
-    router = moe.router
-    value = getattr(router, "experts_per_token", None)
-    if value is not None:
-        return float(value() if callable(value) else value)
-    if router.plan_kind == "dense" and hasattr(router, "num_slots"):
-        S = _soft_group_size(moe, context_len)
-        if S is not None:
-            return moe.num_experts * router.num_slots / S
-    if getattr(router, "registry_name", None) == "expert_choice":
-        cf = getattr(router, "capacity_factor", None)
-        return float(cf if cf is not None else moe.top_k)
-    return float(moe.top_k)
-
-
-def _expert_weights_per_expert(moe: MoE) -> int:
-    ex = moe.experts
-    weights = (ex.w1_EFD, ex.w3_EFD, ex.w2_EDF)
-    return sum(w.numel() for w in weights if w is not None) // ex.num_experts
+    return float(moe.router.experts_per_token(_known_group_size(moe, context_len)))
 
 
 def moe_inactive_parameters(moe: MoE, context_len: int | None = None) -> float:
@@ -97,12 +82,12 @@ def linear_weight_count(module: nn.Module) -> int:
 
 def _moe_flops_per_token(moe: MoE, context_len: int | None = None) -> float:
     router_weights = sum(p.numel() for p in moe.router.parameters() if p.dim() >= 2)
-    flops = 2 * router_weights + 2 * experts_per_token(moe, context_len) * _expert_weights_per_expert(moe)
-    if moe.router.plan_kind == "dense" and hasattr(moe.router, "num_slots"):
-        # Soft MoE slot mixing: dispatch (slots = D^T X) and combine (Y = C Y~), E*C*D multiply-adds per token each
-        flops += 2 * 2 * moe.num_experts * moe.router.num_slots * moe.dim
+    flops = 2 * router_weights + experts_per_token(moe, context_len) * moe.experts.flops_per_row()
+    flops += moe.router.extra_flops_per_token()  # e.g. Soft MoE's slot mixing
     if moe.shared_expert is not None:
         flops += 2 * linear_weight_count(moe.shared_expert)
+    if moe.shared_expert_gate is not None:
+        flops += 2 * moe.shared_expert_gate.weight.numel()
     return flops
 
 

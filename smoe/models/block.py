@@ -8,9 +8,9 @@ A block is pre-norm (GPT-2, ViT, V-MoE ``x + MoE(LN(x))``, reference §3.1.5)::
     f = drop(ffn(norm2(h)))          # ffn is a dense smoe.MLP or an smoe.MoE (constructor injection)
     x = h + f                        # or the MomentumSMoE update (smoe.models.momentum)
 
-When the MoE's router asks for the attention probabilities (``router.needs_attention_probs``, or the registry name
-``"attention_aware"``), the block runs its attention on the manual path and hands ``probs_BHLL`` to
-``moe(x, attn_probs=...)``; nothing is kept in global state. Token ids (hash routing) are passed the same way.
+When the MoE's router declares that it reads the attention probabilities (``router.needs_attention_probs``), the
+block runs its attention on the manual path and hands ``probs_BHLL`` to ``moe(x, attn_probs=...)``; nothing is kept
+in global state. Token ids (hash routing) are passed the same way.
 """
 
 from __future__ import annotations
@@ -23,14 +23,7 @@ from smoe.models.attention import SelfAttention
 from smoe.models.config import MoEConfig, MomentumConfig, moe_layer_indices
 from smoe.models.momentum import Momentum, MomentumState
 
-__all__ = ["Block", "Transformer", "build_transformer", "router_needs_attention_probs", "sum_aux_losses", "moe_metrics"]
-
-
-def router_needs_attention_probs(router: nn.Module) -> bool:
-    """Whether a router reads ``ctx.attn_probs`` (attribute ``needs_attention_probs`` or name ``attention_aware``)."""
-    return bool(getattr(router, "needs_attention_probs", False)) or (
-        getattr(router, "registry_name", None) == "attention_aware"
-    )
+__all__ = ["Block", "Transformer", "build_transformer", "sum_aux_losses", "moe_metrics"]
 
 
 class Block(nn.Module):
@@ -74,7 +67,7 @@ class Block(nn.Module):
 
     @property
     def needs_attn_probs(self) -> bool:
-        return self.is_moe and router_needs_attention_probs(self.ffn.router)
+        return self.is_moe and self.ffn.router.needs_attention_probs
 
     def forward(
         self,
@@ -122,8 +115,6 @@ class Transformer(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.momentum = momentum
-        self._eval_capacity: tuple[float | None, bool | None] | None = None
-        self._train_capacity = [self._capacity_of(m) for m in self.moe_layers()]
 
     def moe_layers(self) -> list[MoE]:
         """The MoE layers, in depth order."""
@@ -139,59 +130,22 @@ class Transformer(nn.Module):
                 auxes.append(aux)
         return x_BLD, auxes
 
-    # -- evaluation capacity (V-MoE: larger cf at eval, or cf < 1 with BPR for adaptive compute, §3.1.3) --------
-
-    @staticmethod
-    def _capacity_of(moe: MoE) -> tuple[float | None, bool | None]:
-        router = moe.router
-        return getattr(router, "capacity_factor", None), getattr(router, "batch_priority", None)
-
     def set_eval_capacity(self, capacity_factor: float | None, batch_priority: bool | None = None) -> None:
-        """Use this capacity factor (and BPR setting) in ``eval()`` mode; training keeps its own.
+        """Use this capacity factor (and BPR setting) in ``eval()`` mode in every MoE layer, or in none.
 
-        Args:
-            capacity_factor: ``None`` (dropless) or ``> 0``.
-            batch_priority: Batch Prioritized Routing at evaluation; ``None`` keeps the training setting.
+        Each layer switches itself (:meth:`smoe.MoE.set_eval_capacity`, V-MoE §3.1.3); training keeps its own
+        capacity. If one layer refuses (its router declares no capacity, or the setting would leak in a causal
+        model), the layers already changed are restored and the ``ValueError`` is raised.
         """
-        if capacity_factor is not None and not (isinstance(capacity_factor, int | float) and capacity_factor > 0):
-            raise ValueError(f"capacity_factor must be None (dropless) or > 0, got {capacity_factor!r}")
-        if batch_priority and capacity_factor is None:
-            raise ValueError("batch_priority=True needs a capacity_factor (BPR only decides which tokens are dropped)")
-        for moe in self.moe_layers():
-            router = moe.router
-            if not hasattr(router, "capacity_factor") or (
-                batch_priority is not None and not hasattr(router, "batch_priority")
-            ):
-                name = getattr(router, "registry_name", type(router).__name__)
-                what = "capacity_factor" if not hasattr(router, "capacity_factor") else "batch_priority"
-                raise ValueError(f"router {name!r} has no {what} to change at evaluation")
-        previous, self._eval_capacity = self._eval_capacity, (capacity_factor, batch_priority)
+        layers = self.moe_layers()
+        before = [m.capacity_state() for m in layers]
         try:
-            self._apply_capacity(training=False)  # refuse a leaking evaluation setting now, not at model.eval()
+            for moe in layers:
+                moe.set_eval_capacity(capacity_factor, batch_priority)
         except ValueError:
-            self._eval_capacity = previous
+            for moe, state in zip(layers, before, strict=True):
+                moe.restore_capacity_state(state)
             raise
-        finally:
-            self._apply_capacity()
-
-    def train(self, mode: bool = True) -> Transformer:
-        super().train(mode)
-        self._apply_capacity()
-        return self
-
-    def _apply_capacity(self, training: bool | None = None) -> None:
-        training = self.training if training is None else training
-        for moe, (train_cf, train_bp) in zip(self.moe_layers(), self._train_capacity, strict=True):
-            cf, bp = train_cf, train_bp
-            if not training and self._eval_capacity is not None:
-                cf = self._eval_capacity[0]
-                bp = train_bp if self._eval_capacity[1] is None else self._eval_capacity[1]
-            if hasattr(moe.router, "capacity_factor"):
-                moe.router.capacity_factor = cf
-                moe.capacity_factor = cf
-            if bp is not None and hasattr(moe.router, "batch_priority"):
-                moe.router.batch_priority = bool(bp) and cf is not None
-            moe.check_causal_safety()  # a capacity at eval can make a causal model leak: refuse it
 
 
 def build_transformer(
@@ -226,7 +180,9 @@ def build_transformer(
     dd = {"device": device, "dtype": dtype}
     moe_idx = set(moe_layer_indices(depth, moe))
     activation = moe.expert_activation or mlp_activation
-    expert_bias = bias if moe.expert_bias is None else moe.expert_bias
+    # the model's bias setting reaches the experts as it reaches its dense MLPs (not SwiGLU ones); an explicit
+    # moe.expert_bias wins
+    expert_bias = (bias and activation != "swiglu") if moe.expert_bias is None else moe.expert_bias
     blocks = []
     for i in range(depth):
         if i in moe_idx:
@@ -237,9 +193,11 @@ def build_transformer(
                 moe.top_k,
                 moe.router,
                 moe.capacity_factor,
-                expert=activation,
-                expert_bias=expert_bias and activation == "gelu",
+                experts=activation,
+                dispatcher=moe.dispatcher,
+                expert_bias=expert_bias,
                 shared_expert_hidden_dim=moe.shared_expert_hidden_dim,
+                shared_expert_gate=moe.shared_expert_gate,
                 group_mode=moe.group_mode,
                 group_size=group_size if group_size is not None else moe.group_size,
                 causal=causal,
@@ -250,7 +208,7 @@ def build_transformer(
                 **dd,
             )
         else:
-            ffn = MLP(dim, mlp_hidden_dim, activation=mlp_activation, bias=bias and mlp_activation == "gelu", **dd)
+            ffn = MLP(dim, mlp_hidden_dim, activation=mlp_activation, bias=bias and mlp_activation != "swiglu", **dd)
         attn = SelfAttention(dim, num_heads, causal=causal, bias=bias, **dd)
         blocks.append(
             Block(

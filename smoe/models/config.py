@@ -1,10 +1,12 @@
-"""Typed model configurations: one small keyword-only dataclass per concern, each with ``.build()``.
+"""Typed model configurations: one small keyword-only dataclass per concern.
 
 A model config is one of :class:`LMConfig` (``task="lm"``), :class:`ViTConfig` (``task="vision"``) or
 :class:`VAEConfig` (``task="vae"``). Each holds a :class:`MoEConfig` (which blocks are MoE and how they route) and a
-:class:`MomentumConfig` (MomentumSMoE across layers). Configs validate themselves in ``__post_init__`` and raise
-``ValueError`` naming the offending field, so that :func:`smoe.models.presets.apply_overrides` (which rebuilds them
-with :func:`dataclasses.replace`) rejects bad values before a model is built.
+:class:`MomentumConfig` (MomentumSMoE across layers). Configs are plain data: they import no model, and
+:func:`smoe.models.presets.build_model` builds the model a config's ``task`` names. Configs validate themselves in
+``__post_init__`` and raise ``ValueError`` naming the offending field, so that
+:func:`smoe.models.presets.apply_overrides` (which rebuilds them with :func:`dataclasses.replace`) rejects bad values
+before a model is built.
 
 Which blocks are MoE (V-MoE placement, reference §3.1.5 and Soft MoE §6.2), for a trunk of ``depth`` blocks:
 
@@ -20,7 +22,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from torch import nn
+from smoe.experts import ACTIVATIONS, list_experts
+from smoe.layers.moe import GROUP_MODES
 
 __all__ = [
     "MoEConfig",
@@ -35,8 +38,6 @@ __all__ = [
 ]
 
 MOMENTUM_KINDS = (None, "heavy_ball", "adam", "robust")
-GROUP_MODES = ("batch", "sequence", "position")
-ACTIVATIONS = ("swiglu", "gelu")
 
 
 def _positive_int(owner: str, name: str, value, allow_zero: bool = False) -> None:
@@ -67,13 +68,16 @@ class MoEConfig:
         hidden_dim: expert hidden width ``F``; ``None`` = the model's dense MLP width (V-MoE experts are the ViT MLP).
         every, last, layers: MoE placement (see the module docstring).
         shared_expert_hidden_dim: hidden width of an always-on shared expert in each MoE block (0 = none).
+        shared_expert_gate: scale the shared expert by a learned sigmoid gate (Qwen2-MoE).
         group_mode: routing groups, ``"batch"``, ``"sequence"`` or ``"position"`` (see :class:`smoe.MoE`).
         group_size: contiguous routing groups of this many tokens (overrides ``group_mode``).
         images_per_group: vision only: groups of this many whole images (V-MoE uses 8), i.e.
             ``group_size = images_per_group * tokens_per_image``; BPR then competes across those images.
         allow_token_coupling: accept a router that leaks future tokens in a causal model.
-        expert_activation: ``"swiglu"`` / ``"gelu"``; ``None`` = the model's MLP activation.
-        expert_bias: biases in GELU experts; ``None`` = the model's MLP bias setting.
+        expert_activation: the expert type (:func:`smoe.list_experts`: ``"swiglu"``, ``"gelu"``, ``"relu"``);
+            ``None`` = the model's MLP activation.
+        expert_bias: biases on the expert projections; ``None`` = the model's MLP bias setting.
+        dispatcher: how tokens move to the experts (:func:`smoe.engine.list_dispatchers`; ``"local"``).
         backend: engine backend override (``None``: the process default).
         check_inputs: validate the MoE inputs (finiteness) on every call; off by default in models, where it would
             add a host synchronisation per layer.
@@ -91,12 +95,14 @@ class MoEConfig:
     last: int | None = None
     layers: tuple[int, ...] | None = None
     shared_expert_hidden_dim: int = 0
+    shared_expert_gate: bool = False
     group_mode: str = "batch"
     group_size: int | None = None
     images_per_group: int | None = None
     allow_token_coupling: bool = False
     expert_activation: str | None = None
     expert_bias: bool | None = None
+    dispatcher: str = "local"
     backend: str | None = None
     check_inputs: bool = False
 
@@ -129,7 +135,9 @@ class MoEConfig:
         if self.images_per_group is not None:
             _positive_int("moe", "images_per_group", self.images_per_group)
         if self.expert_activation is not None:
-            _choice("moe", "expert_activation", self.expert_activation, ACTIVATIONS)
+            _choice("moe", "expert_activation", self.expert_activation, list_experts())
+        if not isinstance(self.dispatcher, str) or not self.dispatcher:
+            raise ValueError(f"moe.dispatcher must be a registered dispatcher name, got {self.dispatcher!r}")
 
 
 @dataclass(kw_only=True)
@@ -229,7 +237,7 @@ class _TransformerFields:
             _positive_int(owner, name, getattr(self, name))
         if self.dim % self.num_heads:
             raise ValueError(f"{owner}.dim={self.dim} must be divisible by {owner}.num_heads={self.num_heads}")
-        _choice(owner, "mlp_activation", self.mlp_activation, ACTIVATIONS)
+        _choice(owner, "mlp_activation", self.mlp_activation, sorted(ACTIVATIONS))
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"{owner}.dropout must be in [0, 1), got {self.dropout!r}")
         if not isinstance(self.moe, MoEConfig):
@@ -264,11 +272,6 @@ class LMConfig(_TransformerFields):
         _positive_int("lm", "vocab_size", self.vocab_size)
         _positive_int("lm", "seq_len", self.seq_len)
         self._check_transformer("lm")
-
-    def build(self, device=None, dtype=None) -> nn.Module:
-        from smoe.models.lm import MoELM
-
-        return MoELM(self, device=device, dtype=dtype)
 
 
 @dataclass(kw_only=True)
@@ -307,11 +310,6 @@ class ViTConfig(_TransformerFields):
     def tokens_per_image(self) -> int:
         """Patches per image, plus one for the class token."""
         return (self.image_size // self.patch_size) ** 2 + (1 if self.pool == "cls" else 0)
-
-    def build(self, device=None, dtype=None) -> nn.Module:
-        from smoe.models.vit import VisionMoE
-
-        return VisionMoE(self, device=device, dtype=dtype)
 
 
 @dataclass(kw_only=True)
@@ -379,11 +377,6 @@ class VAEConfig:
                 f"vae.momentum.kind must be None: momentum runs across a stack of MoE layers and the SMoE-VAE has "
                 f"one, got {self.momentum.kind!r}"
             )
-
-    def build(self, device=None, dtype=None) -> nn.Module:
-        from smoe.models.vae import SMoEVAE
-
-        return SMoEVAE(self, device=device, dtype=dtype)
 
 
 ModelConfig = LMConfig | ViTConfig | VAEConfig

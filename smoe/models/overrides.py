@@ -158,13 +158,18 @@ def _set_path(cfg, parts: list[str], value, full: str):
     )
 
 
-def apply_overrides(config, overrides: dict[str, Any]):
+def apply_overrides(config, overrides: dict[str, Any], *, prefix: str = ""):
     """Return a new config with the dotted-path ``overrides`` applied (the input is not modified).
 
+    This is the project's one override parser: model configs (presets), ``TrainConfig`` and ``DataConfig``
+    (``--set train.lr=...``, through :func:`smoe.train.config.apply_dataclass_overrides`) all go through it.
+
     Args:
-        config: a model config (:class:`~smoe.models.config.LMConfig`, ``ViTConfig`` or ``VAEConfig``).
+        config: a config dataclass instance (:class:`~smoe.models.config.LMConfig`, ``ViTConfig``, ``VAEConfig``,
+            ``TrainConfig``, ...).
         overrides: ``{"moe.top_k": 1, "depth": "4", "moe.router_kwargs": {...}, ...}``; keys may also use
             ``"__"`` instead of ``"."``.
+        prefix: the name errors show before a key (``"train"`` gives ``train.lr``).
 
     Returns:
         The new, validated config.
@@ -176,7 +181,7 @@ def apply_overrides(config, overrides: dict[str, Any]):
         if not isinstance(key, str) or not key:
             raise ValueError(f"override keys must be non-empty strings, got {key!r}")
         path = key.replace("__", ".")
-        new = _set_path(new, path.split("."), value, path)
+        new = _set_path(new, path.split("."), value, f"{prefix}.{path}" if prefix else path)
     return new
 
 

@@ -22,7 +22,10 @@ from collections.abc import Callable
 from torch import nn
 
 from smoe.models.config import LMConfig, MoEConfig, MomentumConfig, VAEConfig, ViTConfig
+from smoe.models.lm import MoELM
 from smoe.models.overrides import apply_overrides, config_from_dict, config_to_dict
+from smoe.models.vae import SMoEVAE
+from smoe.models.vit import VisionMoE
 
 __all__ = [
     "register_preset",
@@ -32,8 +35,13 @@ __all__ = [
     "apply_overrides",
     "config_to_dict",
     "config_from_dict",
+    "model_class",
+    "MODEL_CLASSES",
     "VMOE_ROUTER_KWARGS",
 ]
+
+#: task name -> the model class its config builds (the configs themselves import no model)
+MODEL_CLASSES: dict[str, type[nn.Module]] = {"lm": MoELM, "vision": VisionMoE, "vae": SMoEVAE}
 
 _PRESETS: dict[str, Callable[[], object]] = {}
 
@@ -75,12 +83,19 @@ def build_model(name_or_config, *, device=None, dtype=None, **overrides) -> nn.M
     """
     if isinstance(name_or_config, str):
         config = get_preset(name_or_config)
-    elif hasattr(name_or_config, "build") and hasattr(name_or_config, "task"):
+    elif isinstance(name_or_config, LMConfig | ViTConfig | VAEConfig):
         config = copy.deepcopy(name_or_config)
     else:
         raise ValueError(f"build_model needs a preset name or a model config, got {type(name_or_config).__name__}")
     config = apply_overrides(config, overrides)
-    return config.build(device=device, dtype=dtype)
+    return model_class(config.task)(config, device=device, dtype=dtype)
+
+
+def model_class(task: str) -> type[nn.Module]:
+    """The model class of ``task`` (``"lm"``, ``"vision"``, ``"vae"``); ``ValueError`` listing the valid ones."""
+    if task not in MODEL_CLASSES:
+        raise ValueError(f"unknown task {task!r}; expected one of {sorted(MODEL_CLASSES)}")
+    return MODEL_CLASSES[task]
 
 
 #: V-MoE router settings (vmoe_paper configs, reference §3.1.1-3.1.4): noisy top-k with sigma = 1/E, importance

@@ -24,27 +24,40 @@ batch size 128 (Adam is invariant to that constant factor), and the relative wei
 change with the batch size. The supervised gate loss is a sum in the authors' code, so it becomes a batch mean.
 The VAE needs no labels: its targets are its inputs, so ``loss`` is computed on every call.
 
-Why not the project's routers and engine: the engine runs stacked MLP experts of width ``D -> D`` on token rows;
-these experts are convolutional decoders ``Z -> C x H x W``, the gate is an MLP on ``z`` rather than a linear
-router, and training mixes *all* decoders densely (neither a sparse plan nor Soft MoE's slot mixing). We reuse the
-plan format instead: evaluation builds a :class:`~smoe.routing.plan.SparsePlan` with
-:func:`~smoe.routing.plan.sparse_plan_from_topk` and runs each decoder only on its rows, and the layer reports a
-:class:`~smoe.layers.moe.MoEAux` like any MoE layer.
+Routers and engine. The decoders are real experts (:class:`~smoe.experts.module.ModuleExperts`: each maps a
+``(M, Z)`` latent row to an ``(M, C, H, W)`` image) behind a real router, ``token_choice`` with the authors' MLP gate
+(``gate_hidden_dims``, :class:`~smoe.routing.gated.MLPGate`), softmax scores and no router loss of its own; one
+:class:`smoe.MoE` layer runs them through the engine like any other. The paper's two routing regimes are two
+settings of that router: the dense training mixture is top-``E`` (every decoder on every image, weights ``p``:
+``sum_e p_e D_e(z)``), hard evaluation is top-``K`` with the kept weights renormalised (weight 1 for ``K = 1``);
+supervised training is top-``K`` too. The routing terms above are the VAE's own losses, computed from the router
+probabilities the layer returns (``MoEAux.probs_TE``). One difference in a case the paper does not use: with
+``K > 1`` in supervised training, the renormalised weights are differentiable, so the gate also learns from the
+reconstruction (the authors' ``K = 1`` gives weight 1 and no such gradient).
+
+Checkpoints written before the decoders became experts (``gate.*``, ``decoders.*``) load unchanged: their keys are
+renamed to ``moe.router.gate.*`` and ``moe.experts.*`` on load.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from smoe.layers import MoEAux
+from smoe.experts import ModuleExperts
+from smoe.layers import MoE
 from smoe.models.accounting import AccountingMixin
 from smoe.models.config import VAEConfig
 from smoe.models.output import ModelOutput
-from smoe.routing.plan import SparsePlan, sparse_plan_from_topk
+from smoe.routing.registry import build_router
 
-__all__ = ["SMoEVAE", "ConvEncoder", "ConvDecoder", "LatentGate"]
+__all__ = ["SMoEVAE", "ConvEncoder", "ConvDecoder"]
+
+#: old parameter names -> where they live now (checkpoints written before the decoders became experts)
+_RENAMED = (("gate.", "moe.router.gate."), ("decoders.", "moe.experts."))
 
 
 class ConvEncoder(nn.Module):
@@ -92,24 +105,6 @@ class ConvDecoder(nn.Module):
         return torch.sigmoid(self.conv2(F.interpolate(h, scale_factor=2, mode="nearest")))
 
 
-class LatentGate(nn.Module):
-    """The authors' ``GatingNetwork``: MLP on the latent with ReLU, returning ``(B, E)`` logits (plain softmax
-    downstream; the ``gumbel_tau`` attribute in their code is unused)."""
-
-    def __init__(self, latent_dim: int, hidden_dims: tuple[int, ...], num_experts: int, device=None, dtype=None):
-        super().__init__()
-        dims = (latent_dim, *hidden_dims)
-        self.hidden = nn.ModuleList(nn.Linear(a, b, device=device, dtype=dtype) for a, b in zip(dims, dims[1:]))
-        self.out = nn.Linear(dims[-1], num_experts, device=device, dtype=dtype)
-
-    def forward(self, z_BZ: Tensor) -> Tensor:
-        h = z_BZ
-        for layer in self.hidden:
-            h = F.relu(layer(h))
-        with torch.autocast(device_type=h.device.type, enabled=False):  # router math in float32
-            return F.linear(h.float(), self.out.weight.float(), self.out.bias.float())
-
-
 class SMoEVAE(AccountingMixin, nn.Module):
     """Variational autoencoder with a mixture of decoder experts (see the module docstring).
 
@@ -132,11 +127,40 @@ class SMoEVAE(AccountingMixin, nn.Module):
         dd = {"device": device, "dtype": dtype}
         self.num_experts, self.top_k = c.moe.num_experts, c.moe.top_k
         self.encoder = ConvEncoder(c.in_channels, c.image_size, c.encoder_channels, c.latent_dim, **dd)
-        self.gate = LatentGate(c.latent_dim, c.gate_hidden_dims, self.num_experts, **dd)
-        self.decoders = nn.ModuleList(
-            ConvDecoder(c.latent_dim, c.image_size, c.decoder_channels, c.in_channels, **dd)
-            for _ in range(self.num_experts)
+        # training routes top-E (the dense mixture) unsupervised, top-K supervised; evaluation top-K (renormalised)
+        train_k = self.num_experts if c.routing == "unsupervised" else self.top_k
+        router = build_router(
+            "token_choice",
+            dim=c.latent_dim,
+            num_experts=self.num_experts,
+            top_k=train_k,
+            eval_top_k=self.top_k,
+            renormalize=True,
+            balance_loss_weight=0.0,
+            gate_hidden_dims=c.gate_hidden_dims,
+            **dd,
         )
+        decoders = ModuleExperts(
+            (
+                ConvDecoder(c.latent_dim, c.image_size, c.decoder_channels, c.in_channels, **dd)
+                for _ in range(self.num_experts)
+            ),
+            dim=c.latent_dim,
+        )
+        self.moe = MoE(
+            c.latent_dim, None, self.num_experts, train_k, router=router, experts=decoders, check_inputs=False
+        )
+        self.register_load_state_dict_pre_hook(_rename_old_keys)
+
+    @property
+    def gate(self) -> nn.Module:
+        """The gate MLP on the latent (``(B, Z) -> (B, E)`` float32 logits)."""
+        return self.moe.router.gate
+
+    @property
+    def decoders(self) -> ModuleExperts:
+        """The decoder experts; ``decoders[e]`` maps ``(B, Z)`` latents to ``(B, C, H, W)`` images."""
+        return self.moe.experts
 
     def _check(self, images_BCHW: Tensor, targets_B: Tensor | None) -> None:
         c = self.config
@@ -150,31 +174,10 @@ class SMoEVAE(AccountingMixin, nn.Module):
         if c.routing == "supervised" and self.training and targets_B is None:
             raise ValueError("routing='supervised' trains the gate on class labels: pass targets_B in training")
 
-    def hard_plan(self, probs_BE: Tensor) -> SparsePlan:
-        """Top-``K`` assignment of images to decoders, weights renormalised over the ``K`` (weight 1 for ``K=1``)."""
-        weight_BK, expert_BK = probs_BE.topk(self.top_k, dim=-1)
-        weight_BK = weight_BK / weight_BK.sum(dim=-1, keepdim=True)
-        return sparse_plan_from_topk(expert_BK, weight_BK, self.num_experts)
-
-    def decode_sparse(self, z_BZ: Tensor, plan: SparsePlan) -> Tensor:
-        """Run each decoder on its rows of ``plan`` only and combine: ``x_hat[b] = sum_rows w * D_e(z[b])``."""
-        B = z_BZ.shape[0]
-        out = z_BZ.new_zeros(B, self.config.in_channels * self.config.image_size**2)
-        counts = plan.counts_E.tolist()
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                rows = slice(start, start + n)
-                idx = plan.token_idx_N[rows]
-                y = self.decoders[e](z_BZ[idx]).flatten(1) * plan.weight_N[rows].to(z_BZ.dtype).unsqueeze(1)
-                out = out.index_add(0, idx, y)
-            start += n
-        return out.view(B, self.config.in_channels, self.config.image_size, self.config.image_size)
-
     def decode(self, z_BZ: Tensor) -> Tensor:
-        """Hard-routed reconstruction of given latents (e.g. ``encoder(x)[0]`` for a deterministic one, or samples
-        from the prior): each latent goes to its top-``K`` decoders. ``(B, Z) -> (B, C, H, W)``."""
-        return self.decode_sparse(z_BZ, self.hard_plan(self.gate(z_BZ).softmax(dim=-1)))
+        """Reconstruction of given latents (e.g. ``encoder(x)[0]`` for a deterministic one, or samples from the
+        prior) by the MoE layer in its current mode: top-``K`` decoders in ``eval()``. ``(B, Z) -> (B, C, H, W)``."""
+        return self.moe(z_BZ)[0]
 
     def forward(self, images_BCHW: Tensor, targets_B: Tensor | None = None) -> ModelOutput:
         """Encode, route, decode; see the class docstring for the outputs."""
@@ -184,14 +187,9 @@ class SMoEVAE(AccountingMixin, nn.Module):
         mu_BZ, logvar_BZ = self.encoder(images_BCHW)
         # sampled in evaluation too, as the authors' code (their test reconstruction loss is on a sampled z)
         z_BZ = mu_BZ + torch.randn_like(mu_BZ) * torch.exp(0.5 * logvar_BZ)
-        logits_BE = self.gate(z_BZ)
-        probs_BE = logits_BE.softmax(dim=-1)
-        plan = self.hard_plan(probs_BE.detach())
-        if self.training and c.routing == "unsupervised":
-            all_BECHW = torch.stack([dec(z_BZ) for dec in self.decoders], dim=1)
-            recon_BCHW = (probs_BE.to(all_BECHW.dtype)[:, :, None, None, None] * all_BECHW).sum(dim=1)
-        else:
-            recon_BCHW = self.decode_sparse(z_BZ, plan)
+        # router -> plan -> dispatch -> decoder experts -> combine: dense mixture (training) or top-K (evaluation)
+        recon_BCHW, moe_aux = self.moe(z_BZ)
+        probs_BE = moe_aux.probs_TE
 
         recon_sum = F.mse_loss(recon_BCHW.float(), images_BCHW.float(), reduction="sum")
         kl_sum = -0.5 * torch.sum(1 + logvar_BZ.float() - mu_BZ.float().pow(2) - logvar_BZ.float().exp())
@@ -213,19 +211,11 @@ class SMoEVAE(AccountingMixin, nn.Module):
             metrics["gate_accuracy"] = (probs_BE.argmax(dim=-1) == expert_B).float().mean()
         else:
             aux = probs_BE.new_zeros(())
-        choice_B = probs_BE.argmax(dim=-1)
-        counts_E = torch.bincount(choice_B, minlength=E)
+        counts_E = torch.bincount(probs_BE.argmax(dim=-1), minlength=E)
         metrics["active_experts"] = (counts_E > 0).sum()
-        stats = {
-            "tokens_per_expert": plan.counts_E,
-            "drop_rate": probs_BE.new_zeros(()),
-            "unrouted_fraction": probs_BE.new_zeros(()),
-            "tokens_processed": torch.tensor(B, device=probs_BE.device),
-            "router_entropy": entropy.detach(),
-        }
-        stats.update({f"loss_{k}": v.detach() for k, v in losses.items()})
-        moe_aux = [MoEAux(loss=aux, losses=losses, stats=stats, plan=plan)]
-        return ModelOutput(logits=recon_BCHW, loss=loss, aux_loss=aux, moe_aux=moe_aux, metrics=metrics)
+        stats = {**moe_aux.stats, **{f"loss_{k}": v.detach() for k, v in losses.items()}}
+        moe_aux = dataclasses.replace(moe_aux, loss=aux, losses=losses, stats=stats)
+        return ModelOutput(logits=recon_BCHW, loss=loss, aux_loss=aux, moe_aux=[moe_aux], metrics=metrics)
 
     def _accounting(self) -> dict[str, float]:
         """Inference accounting per image (``tokens_per_sample = 1``): encoder + gate + ``K`` decoders. Training in
@@ -249,3 +239,12 @@ class SMoEVAE(AccountingMixin, nn.Module):
             "tokens_per_sample": 1,
             "train_flops_per_sample": enc_flops + gate_flops + self.num_experts * dec_flops,
         }
+
+
+def _rename_old_keys(module, state_dict, prefix, *args) -> None:
+    """``load_state_dict`` pre-hook: old ``gate.*`` / ``decoders.*`` keys become ``moe.router.gate.*`` /
+    ``moe.experts.*``."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        for old, new in _RENAMED:
+            if key.startswith(prefix + old):
+                state_dict[prefix + new + key[len(prefix + old) :]] = state_dict.pop(key)

@@ -9,6 +9,7 @@ Shape legend: ``T`` tokens (in routing-group order), ``D`` width, ``E`` experts,
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -32,7 +33,7 @@ class RoutingContext:
             or ``(B, L, L)`` in the model's own (batch, position) order, or ``None``.
         batch_shape: ``(B, L)`` of the layer input when it was 3-d, else ``(1, T)``.
         group_mode: how the layer formed the groups: ``"batch"``, ``"sequence"``, ``"position"`` or ``"size"``.
-        loss_TD: optional per-token signal for routers that learn from expert outcomes (comparison training).
+        extra: further side information by name, for routers outside this package (nothing here reads it).
     """
 
     group_size: int
@@ -72,18 +73,41 @@ def router_logits_fp32(x_TD: Tensor, weight_ED: Tensor, bias_E: Tensor | None = 
 
 
 class Router(nn.Module):
-    """Base class of all routers.
+    """Base class of all routers. A router *declares* what it needs and what it allows; layers and models read
+    these declarations, never a registry name or ``hasattr``.
 
-    Subclasses set ``couples_tokens`` (class attribute or property): whether a token's routing depends on other
-    tokens of its group. Coupling routers leak information across positions of an autoregressive model unless
-    groups hold one token per sequence (``group_mode="position"``); the MoE layer refuses such a causal
-    configuration unless the user opts in. ``plan_kind`` says which plan form the router returns.
+    Declarations (class attributes, or properties where they depend on the options):
+
+    * ``couples_tokens``: whether a token's routing depends on other tokens of its group. Coupling routers leak
+      information across positions of an autoregressive model unless groups hold one token per sequence
+      (``group_mode="position"``); the MoE layer refuses such a causal configuration unless the user opts in.
+    * ``plan_kind``: the plan form the router returns, ``"sparse"`` or ``"dense"``.
+    * ``differentiable``: whether it has parameters the task loss trains.
+    * ``needs_token_ids`` / ``needs_attention_probs``: the side inputs it reads from :class:`RoutingContext`
+      (``MoE.forward(x, token_ids=..., attn_probs=...)``); a transformer block computes the attention
+      probabilities only for a router that declares it needs them.
+    * ``capacity_options``: which of ``"capacity_factor"`` and ``"batch_priority"`` may change after construction
+      (:meth:`set_capacity`: the MoE layer's evaluation capacity, V-MoE §3.1.3); empty for routers without a
+      per-expert capacity.
+    * :meth:`experts_per_token` and :meth:`extra_flops_per_token`: the compute one token costs, for the accounting.
     """
 
     couples_tokens: ClassVar[bool] = False
     plan_kind: ClassVar[str] = "sparse"
     #: whether the router has parameters that receive gradients from the task loss
     differentiable: ClassVar[bool] = True
+    #: reads ``ctx.token_ids_T`` (hash routing)
+    needs_token_ids: ClassVar[bool] = False
+    #: reads ``ctx.attn_probs`` (attention-aware routing)
+    needs_attention_probs: ClassVar[bool] = False
+    #: options :meth:`set_capacity` may change
+    capacity_options: ClassVar[frozenset[str]] = frozenset()
+    #: registry name (set by :func:`~smoe.routing.registry.register_router`; ``None`` for unregistered routers)
+    registry_name: ClassVar[str | None] = None
+    #: the capacity factor in force (``None``: dropless, or a router without per-expert capacity)
+    capacity_factor: float | None = None
+    #: Batch Prioritized Routing in force (routers with ``"batch_priority"`` in ``capacity_options``)
+    batch_priority: bool = False
 
     def __init__(self, *, dim: int, num_experts: int, top_k: int) -> None:
         super().__init__()
@@ -91,8 +115,57 @@ class Router(nn.Module):
         self.num_experts = num_experts
         self.top_k = top_k
 
+    @property
+    def name(self) -> str:
+        """The registry name, or the class name of an unregistered router (for messages)."""
+        return self.registry_name or type(self).__name__
+
     def forward(self, x_TD: Tensor, ctx: RoutingContext) -> RouterOutput:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def experts_per_token(self, group_size: int | None = None) -> float:
+        """Nominal experts one token uses (``top_k`` unless the router says otherwise).
+
+        Args:
+            group_size: tokens per routing group when the model's shapes fix it (``None`` otherwise); routers whose
+                compute per token depends on it (Soft MoE's slots) read it.
+        """
+        return float(self.top_k)
+
+    def extra_flops_per_token(self) -> float:
+        """Forward FLOPs per token the routing adds beyond its gate's matrix product (Soft MoE's slot mixing)."""
+        return 0.0
+
+    def capacity(self) -> tuple[float | None, bool | None]:
+        """``(capacity_factor, batch_priority)`` in force; ``None`` for an option the router does not declare."""
+        cf = self.capacity_factor if "capacity_factor" in self.capacity_options else None
+        bp = self.batch_priority if "batch_priority" in self.capacity_options else None
+        return cf, bp
+
+    def set_capacity(self, capacity_factor: float | None, batch_priority: bool | None = None) -> None:
+        """Change the capacity factor (and Batch Prioritized Routing) in force, e.g. for evaluation.
+
+        Args:
+            capacity_factor: ``None`` (dropless) or a finite number ``> 0``.
+            batch_priority: BPR on or off (``None`` keeps it); on only takes effect with a capacity factor.
+
+        Raises:
+            ValueError: the router does not declare the option, or a value is out of range.
+        """
+        if "capacity_factor" not in self.capacity_options:
+            raise ValueError(f"router {self.name!r} has no capacity_factor to change at evaluation")
+        if batch_priority is not None and "batch_priority" not in self.capacity_options:
+            raise ValueError(f"router {self.name!r} has no batch_priority to change at evaluation")
+        if capacity_factor is not None and not (
+            isinstance(capacity_factor, int | float)
+            and not isinstance(capacity_factor, bool)
+            and math.isfinite(capacity_factor)
+            and capacity_factor > 0
+        ):
+            raise ValueError(f"capacity_factor must be None (dropless) or a finite number > 0, got {capacity_factor!r}")
+        self.capacity_factor = capacity_factor
+        if batch_priority is not None:
+            self.batch_priority = bool(batch_priority) and capacity_factor is not None
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_experts={self.num_experts}, top_k={self.top_k}"

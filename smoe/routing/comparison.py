@@ -45,9 +45,9 @@ import torch
 from torch import Tensor
 
 from smoe.routing.base import RouterOutput, RoutingContext
+from smoe.routing.gated import GatedRouter
 from smoe.routing.plan import sparse_plan_from_topk
 from smoe.routing.registry import register_router
-from smoe.routing.token_choice import GatedRouter
 
 __all__ = ["ComparisonRouter", "comparison_gradient"]
 
@@ -102,7 +102,7 @@ def comparison_gradient(
 class ComparisonRouter(GatedRouter):
     """Token choice whose gate also learns from pairwise expert comparisons (module docstring).
 
-    Args (beyond :class:`~smoe.routing.token_choice.GatedRouter`):
+    Args (beyond :class:`~smoe.routing.gated.GatedRouter`):
         pair: ``"runner_up"`` (compare top-1 with the second-ranked expert) or ``"random"`` (with a uniformly
             random other expert: exploration of unselected experts).
         comparison_weight: strength of the comparison loss (``0`` turns it off).

@@ -18,9 +18,9 @@ from torch import Tensor
 
 from smoe.routing.base import RouterOutput, RoutingContext
 from smoe.routing.capacity import compute_capacity
+from smoe.routing.gated import GatedRouter
 from smoe.routing.plan import SparsePlan
 from smoe.routing.registry import register_router
-from smoe.routing.token_choice import GatedRouter
 
 __all__ = ["ExpertChoiceRouter", "expert_choice_plan"]
 
@@ -54,15 +54,20 @@ def expert_choice_plan(probs_GSE: Tensor, capacity: int) -> SparsePlan:
 class ExpertChoiceRouter(GatedRouter):
     """Expert choice with capacity ``c = ceil(cf * S / E)`` per group (see module docstring).
 
-    Args (beyond :class:`~smoe.routing.token_choice.GatedRouter`, whose balance loss defaults to off here):
+    Args (beyond :class:`~smoe.routing.gated.GatedRouter`, whose balance loss defaults to off here):
         noise_std: optional gaussian noise on the logits in training, sigma = noise_std / E (vmoe), default 0.
     """
 
     couples_tokens = True
+    capacity_options = frozenset({"capacity_factor"})
 
     def __init__(self, *, noise_std: float = 0.0, balance_loss_weight: float = 0.0, **kwargs) -> None:
         super().__init__(balance_loss_weight=balance_loss_weight, **kwargs)
         self.noise_std = noise_std
+
+    def experts_per_token(self, group_size: int | None = None) -> float:
+        """The capacity factor: each expert takes ``cf * S / E`` of ``S`` tokens (``top_k`` when it is ``None``)."""
+        return float(self.capacity_factor if self.capacity_factor is not None else self.top_k)
 
     def forward(self, x_TD: Tensor, ctx: RoutingContext) -> RouterOutput:
         T, E = x_TD.shape[0], self.num_experts

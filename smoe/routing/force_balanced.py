@@ -12,9 +12,9 @@ import torch
 from torch import Tensor
 
 from smoe.routing.base import RouterOutput, RoutingContext
+from smoe.routing.gated import GatedRouter
 from smoe.routing.plan import sparse_plan_from_topk
 from smoe.routing.registry import register_router
-from smoe.routing.token_choice import GatedRouter
 
 __all__ = ["ForceBalancedRouter"]
 

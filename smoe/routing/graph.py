@@ -44,9 +44,9 @@ from torch import Tensor, nn
 
 from smoe.routing.base import RouterOutput, RoutingContext
 from smoe.routing.capacity import token_choice_keep_mask
+from smoe.routing.gated import GatedRouter
 from smoe.routing.plan import sparse_plan_from_topk
 from smoe.routing.registry import register_router
-from smoe.routing.token_choice import GatedRouter
 
 __all__ = [
     "SimilarityAwareRouter",
@@ -127,11 +127,13 @@ def from_sequence_order(v_BLE: Tensor, ctx: RoutingContext) -> Tensor:
 class _GraphRouter(GatedRouter):
     """Token choice on graph-mixed scores; subclasses provide :meth:`mix` (the ``sum_j M[i, j] v_j`` product).
 
-    Args (beyond :class:`~smoe.routing.token_choice.GatedRouter`):
+    Args (beyond :class:`~smoe.routing.gated.GatedRouter`):
         self_weight: ``a``, the weight of the token's own distribution (0: pure graph mixing; unconfirmed).
         mix: ``"probs"`` (mix the softmax probabilities) or ``"logits"`` (mix logits, then softmax).
         renormalize: renormalise the K selected weights to sum to one.
     """
+
+    capacity_options = frozenset({"capacity_factor"})
 
     def __init__(self, *, self_weight: float = 0.0, mix: str = "probs", renormalize: bool = True, **kwargs) -> None:
         super().__init__(**kwargs)

@@ -82,6 +82,7 @@ class HashRouter(Router):
 
     couples_tokens = False
     differentiable = False
+    needs_token_ids = True
 
     def __init__(
         self,

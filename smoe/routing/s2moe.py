@@ -40,9 +40,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smoe.routing.base import RouterOutput, RoutingContext, router_logits_fp32
+from smoe.routing.gated import GatedRouter
 from smoe.routing.plan import SparsePlan, sparse_plan_from_topk
 from smoe.routing.registry import register_router
-from smoe.routing.token_choice import GatedRouter, top_k_choice
+from smoe.routing.token_choice import top_k_choice
 
 __all__ = ["S2MoERouter", "gaussian_noise_copy", "info_nce", "s2moe_plan"]
 
@@ -99,7 +100,7 @@ def s2moe_plan(expert_idx_TK: Tensor, weight_TK: Tensor, gate_T: Tensor, num_exp
 class S2MoERouter(GatedRouter):
     """S2MoE (module docstring): clean + noisy copies mixed by a learned gate in training, top-1 at inference.
 
-    Args (beyond :class:`~smoe.routing.token_choice.GatedRouter`):
+    Args (beyond :class:`~smoe.routing.gated.GatedRouter`):
         noise_scale: scale of the Gaussian noise (1.0 = the module as described; 0 = a noise-free copy).
         noise_stats: ``"token"`` (default, tokens independent) or ``"group"`` (couples the tokens of a group).
         eval_top_k: experts per token at inference (``None``: ``top_k``).
@@ -147,10 +148,9 @@ class S2MoERouter(GatedRouter):
     def couples_tokens(self) -> bool:  # type: ignore[override]
         return self.noise_stats == "group"
 
-    @property
-    def experts_per_token(self) -> int:
+    def experts_per_token(self, group_size: int | None = None) -> float:
         """Expert rows per token: ``2K`` in training (clean + noisy), ``eval_top_k`` at inference."""
-        return 2 * self.top_k if self.training else self.eval_top_k
+        return float(2 * self.top_k if self.training else self.eval_top_k)
 
     def forward(self, x_TD: Tensor, ctx: RoutingContext) -> RouterOutput:
         T, E = x_TD.shape[0], self.num_experts

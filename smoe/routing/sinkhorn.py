@@ -59,9 +59,9 @@ from torch import Tensor
 from smoe.routing.base import RouterOutput, RoutingContext
 from smoe.routing.capacity import compute_capacity, token_choice_keep_mask
 from smoe.routing.expert_choice import expert_choice_plan
+from smoe.routing.gated import GatedRouter
 from smoe.routing.plan import SparsePlan, sparse_plan_from_topk
 from smoe.routing.registry import register_router
-from smoe.routing.token_choice import GatedRouter
 
 __all__ = ["SinkhornRouter", "sinkhorn_plan", "sinkhorn_plan_reference", "check_sinkhorn_options"]
 
@@ -167,7 +167,7 @@ def sinkhorn_plan_reference(
 class SinkhornRouter(GatedRouter):
     """Sinkhorn-balanced selection with raw-score combine weights (see module docstring).
 
-    Args (beyond :class:`~smoe.routing.token_choice.GatedRouter`, whose balance loss defaults to off here):
+    Args (beyond :class:`~smoe.routing.gated.GatedRouter`, whose balance loss defaults to off here):
         variant: ``"token_choice"`` (S-BASE / Megatron / vmoe Sinkhorn TC: top-k experts per token on the plan)
             or ``"expert_choice"`` (vmoe Sinkhorn EC: top-c tokens per expert on the plan).
         epsilon, num_iters, tol: solver options of :func:`sinkhorn_plan` (defaults: vmoe's 1.0, 20, ``None``;
@@ -180,6 +180,7 @@ class SinkhornRouter(GatedRouter):
     """
 
     couples_tokens = True
+    capacity_options = frozenset({"capacity_factor"})
 
     def __init__(
         self,
@@ -216,6 +217,12 @@ class SinkhornRouter(GatedRouter):
         """``(G, S, E)`` Sinkhorn plan of the logits, without gradient (selection only)."""
         with torch.no_grad():
             return sinkhorn_plan(logits_GSE, epsilon=self.epsilon, num_iters=self.num_iters, tol=self.tol)
+
+    def experts_per_token(self, group_size: int | None = None) -> float:
+        """``top_k``; the capacity factor (default ``top_k``) for ``variant="expert_choice"``."""
+        if self.variant == "expert_choice" and self.capacity_factor is not None:
+            return float(self.capacity_factor)
+        return float(self.top_k)
 
     def forward(self, x_TD: Tensor, ctx: RoutingContext) -> RouterOutput:
         T, E, K = x_TD.shape[0], self.num_experts, self.top_k

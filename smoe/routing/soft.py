@@ -204,8 +204,8 @@ class SoftMoERouter(Router):
                 f"soft router: tokens_per_group={tokens_per_group!r} is only used with a capacity_factor "
                 "(to derive num_slots); pass num_slots directly instead"
             )
-        # We store this under another name: a `capacity_factor` attribute would invite set_eval_capacity to change
-        # it at evaluation, but the slot count is a parameter shape and cannot change.
+        # Stored under another name than `capacity_factor` (which stays None): the slot count is a parameter shape and
+        # cannot change at evaluation, so this router declares no capacity_options.
         self.slot_capacity_factor = capacity_factor
         self.num_slots = 1 if num_slots is None else num_slots
         self.tokens_per_group, self.noise_std = tokens_per_group, float(noise_std)
@@ -220,13 +220,19 @@ class SoftMoERouter(Router):
         nn.init.trunc_normal_(self.slot_embed_DEC, mean=0.0, std=std, a=-2 * std, b=2 * std)
         nn.init.ones_(self.scale)
 
-    @property
-    def experts_per_token(self) -> float | None:
-        """Expert evaluations per token, ``E*C/S``, used for FLOP accounting. It is known only when
-        ``tokens_per_group`` is given; ``None`` makes the accounting fall back to ``top_k``."""
-        if self.tokens_per_group is None:
-            return None
-        return self.num_experts * self.num_slots / self.tokens_per_group
+    def experts_per_token(self, group_size: int | None = None) -> float:
+        """Expert evaluations per token, ``E*C/S``, for the FLOP accounting. ``S`` is ``tokens_per_group`` when given,
+        else the layer's ``group_size`` when the model's shapes fix it; when neither is known the count falls back
+        to ``top_k``."""
+        S = self.tokens_per_group if self.tokens_per_group is not None else group_size
+        if S is None:
+            return float(self.top_k)
+        return self.num_experts * self.num_slots / S
+
+    def extra_flops_per_token(self) -> float:
+        """The slot mixing: dispatch (``slots = D^T X``) and combine (``Y = C Y~``), ``E*C*D`` multiply-adds per token
+        each."""
+        return 2.0 * 2 * self.num_experts * self.num_slots * self.dim
 
     def forward(self, x_TD: Tensor, ctx: RoutingContext) -> RouterOutput:
         T, E, C = x_TD.shape[0], self.num_experts, self.num_slots

@@ -61,9 +61,9 @@ from torch import Tensor
 from smoe.routing.base import RouterOutput, RoutingContext
 from smoe.routing.capacity import compute_capacity, token_choice_keep_mask
 from smoe.routing.expert_choice import expert_choice_plan
+from smoe.routing.gated import GatedRouter
 from smoe.routing.plan import sparse_plan_from_topk
 from smoe.routing.registry import register_router
-from smoe.routing.token_choice import GatedRouter
 
 __all__ = [
     "SparsityConstrainedRouter",
@@ -209,7 +209,7 @@ def _selection_scores(plan_GSE: Tensor, sim_GSE: Tensor) -> Tensor:
 class SparsityConstrainedRouter(GatedRouter):
     """k-sparse quadratically regularised OT routing, expert- or token-choice (see module docstring).
 
-    Args (beyond :class:`~smoe.routing.token_choice.GatedRouter`, whose balance loss defaults to off here):
+    Args (beyond :class:`~smoe.routing.gated.GatedRouter`, whose balance loss defaults to off here):
         variant: ``"expert_choice"`` (default; the study's new router: ``nnz = c = ceil(cf * S / E)`` nonzeros per
             expert, ``cf`` defaulting to ``top_k``) or ``"token_choice"`` (``nnz = K`` nonzeros per token; the
             optional ``capacity_factor`` drops overflow in position order).
@@ -222,6 +222,7 @@ class SparsityConstrainedRouter(GatedRouter):
     """
 
     couples_tokens = True
+    capacity_options = frozenset({"capacity_factor"})
 
     def __init__(
         self,
@@ -248,6 +249,12 @@ class SparsityConstrainedRouter(GatedRouter):
         """Expert choice: tokens per expert and group, ``c = ceil(cf * S / E)`` (``cf = top_k`` when unset)."""
         cf = self.capacity_factor if self.capacity_factor is not None else float(self.top_k)
         return min(compute_capacity(group_size, self.num_experts, cf, 1), group_size)
+
+    def experts_per_token(self, group_size: int | None = None) -> float:
+        """``top_k``; the capacity factor (default ``top_k``) for ``variant="expert_choice"``."""
+        if self.variant == "expert_choice" and self.capacity_factor is not None:
+            return float(self.capacity_factor)
+        return float(self.top_k)
 
     def forward(self, x_TD: Tensor, ctx: RoutingContext) -> RouterOutput:
         T, E, K = x_TD.shape[0], self.num_experts, self.top_k

@@ -61,10 +61,11 @@ from torch import Tensor
 
 from smoe.routing.base import RouterOutput, RoutingContext
 from smoe.routing.capacity import token_choice_keep_mask
+from smoe.routing.gated import GatedRouter
 from smoe.routing.plan import sparse_plan_from_topk
 from smoe.routing.registry import register_router
 from smoe.routing.sinkhorn import check_sinkhorn_options, sinkhorn_plan
-from smoe.routing.token_choice import GatedRouter, top_k_choice
+from smoe.routing.token_choice import top_k_choice
 
 __all__ = ["SSRRouter", "ot_step_due", "plan_top_k"]
 
@@ -87,7 +88,7 @@ def plan_top_k(plan_TE: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
 class SSRRouter(GatedRouter):
     """Selective Sinkhorn Routing (see module docstring).
 
-    Args (beyond :class:`~smoe.routing.token_choice.GatedRouter`, whose balance loss defaults to off here):
+    Args (beyond :class:`~smoe.routing.gated.GatedRouter`, whose balance loss defaults to off here):
         fraction: ``p`` in ``[0, 1]``, the fraction of training calls (``select="steps"``) or of every group's
             tokens (``select="tokens"``) routed by the plan; default ``0.01``.
         select: ``"steps"`` (default) or ``"tokens"``.
@@ -129,6 +130,8 @@ class SSRRouter(GatedRouter):
         self.grad_through_plan, self.renormalize = grad_through_plan, renormalize
         # training calls seen so far (select="steps"); persistent so that a resumed run continues the schedule
         self.register_buffer("ot_step", torch.zeros((), dtype=torch.long), persistent=True)
+
+    capacity_options = frozenset({"capacity_factor"})
 
     @property
     def couples_tokens(self) -> bool:  # type: ignore[override]

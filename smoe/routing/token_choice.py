@@ -23,84 +23,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from smoe.routing.base import Router, RouterOutput, RoutingContext, router_logits_fp32
+from smoe.routing.base import RouterOutput, RoutingContext
 from smoe.routing.capacity import token_choice_keep_mask
-from smoe.routing.losses import importance_loss, load_loss, router_z_loss, switch_balance_loss
+from smoe.routing.gated import GatedRouter
 from smoe.routing.plan import sparse_plan_from_topk
 from smoe.routing.registry import register_router
 
-__all__ = ["TokenChoiceRouter", "GatedRouter", "top_k_choice"]
-
-
-class GatedRouter(Router):
-    """Shared machinery of routers with a linear gate ``logits = x W^T`` and the standard losses.
-
-    Args:
-        dim: model width ``D``.
-        num_experts: ``E``.
-        top_k: ``K``.
-        capacity_factor: capacity factor or ``None``.
-        balance_loss_weight: weight of the Switch load-balancing loss (``alpha = 1e-2`` in Switch).
-        z_loss_weight: weight of the ST-MoE router z-loss (``1e-3`` in ST-MoE).
-        importance_loss_weight: weight of the V-MoE importance loss (0.005 in V-MoE).
-        load_loss_weight: weight of the V-MoE load loss (0.005 in V-MoE; needs gaussian noise).
-        gate_init_std: std of the normal gate init (flaxformer ``normal(2e-2)``).
-    """
-
-    def __init__(
-        self,
-        *,
-        dim: int,
-        num_experts: int,
-        top_k: int,
-        capacity_factor: float | None = None,
-        balance_loss_weight: float = 0.01,
-        z_loss_weight: float = 0.0,
-        importance_loss_weight: float = 0.0,
-        load_loss_weight: float = 0.0,
-        gate_init_std: float = 0.02,
-        device=None,
-        dtype=None,
-    ) -> None:
-        super().__init__(dim=dim, num_experts=num_experts, top_k=top_k)
-        self.capacity_factor = capacity_factor
-        self.balance_loss_weight = balance_loss_weight
-        self.z_loss_weight = z_loss_weight
-        self.importance_loss_weight = importance_loss_weight
-        self.load_loss_weight = load_loss_weight
-        self.gate = nn.Linear(dim, num_experts, bias=False, device=device, dtype=dtype)
-        nn.init.normal_(self.gate.weight, std=gate_init_std)
-
-    def logits(self, x_TD: Tensor) -> Tensor:
-        """``(T, E)`` float32 router logits."""
-        return router_logits_fp32(x_TD, self.gate.weight)
-
-    def standard_losses(
-        self,
-        logits_GSE: Tensor,
-        probs_GSE: Tensor,
-        expert_idx_GSK: Tensor | None,
-        noisy_logits_GSE: Tensor | None = None,
-        noise_std: float = 0.0,
-    ) -> tuple[dict[str, Tensor], Tensor]:
-        """Compute the enabled losses; returns ``(unweighted losses by name, weighted sum)``."""
-        losses: dict[str, Tensor] = {}
-        total = logits_GSE.new_zeros(())
-        if self.balance_loss_weight and expert_idx_GSK is not None:
-            losses["balance"] = switch_balance_loss(probs_GSE, expert_idx_GSK)
-            total = total + self.balance_loss_weight * losses["balance"]
-        if self.z_loss_weight:
-            losses["z"] = router_z_loss(logits_GSE)
-            total = total + self.z_loss_weight * losses["z"]
-        if self.importance_loss_weight:
-            losses["importance"] = importance_loss(probs_GSE)
-            total = total + self.importance_loss_weight * losses["importance"]
-        if self.load_loss_weight and noisy_logits_GSE is not None and noise_std > 0:
-            losses["load"] = load_loss(logits_GSE, noisy_logits_GSE, noise_std, expert_idx_GSK.shape[-1])
-            total = total + self.load_loss_weight * losses["load"]
-        return losses, total
+__all__ = ["TokenChoiceRouter", "top_k_choice"]
 
 
 def top_k_choice(
@@ -156,7 +87,7 @@ def top_k_choice(
 class TokenChoiceRouter(GatedRouter):
     """Top-k token choice (Shazeer et al. 2017; Switch, Fedus et al. 2021; GShard; Mixtral; V-MoE + BPR).
 
-    Args (beyond :class:`GatedRouter`):
+    Args (beyond :class:`~smoe.routing.gated.GatedRouter`):
         score_fn: ``"softmax"`` (default) or ``"sigmoid"``.
         order: ``"softmax_topk"`` (V-MoE, default) or ``"topk_softmax"`` (Mixtral).
         renormalize: renormalise the kept weights over the ``K`` choices.
@@ -166,7 +97,11 @@ class TokenChoiceRouter(GatedRouter):
         batch_priority: V-MoE Batch Prioritized Routing for capacity dropping.
         capacity_rounding / capacity_multiple_of: see :func:`smoe.routing.capacity.compute_capacity`.
         expert_bias: enable the aux-loss-free selection bias (DeepSeek-V3).
+        eval_top_k: experts per token in evaluation mode (``None``: ``top_k``), e.g. the SMoE-VAE's dense training
+            mixture (``top_k = E``) evaluated top-1.
     """
+
+    capacity_options = frozenset({"capacity_factor", "batch_priority"})
 
     def __init__(
         self,
@@ -181,6 +116,7 @@ class TokenChoiceRouter(GatedRouter):
         capacity_rounding: str = "ceil",
         capacity_multiple_of: int = 1,
         expert_bias: bool = False,
+        eval_top_k: int | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -194,7 +130,12 @@ class TokenChoiceRouter(GatedRouter):
             raise ValueError("batch_priority=True needs a capacity_factor (BPR only decides which tokens are dropped)")
         self.score_fn, self.order, self.renormalize = score_fn, order, renormalize
         self.noise, self.noise_std, self.jitter_eps = noise, noise_std, jitter_eps
+        if eval_top_k is not None and (
+            isinstance(eval_top_k, bool) or not isinstance(eval_top_k, int) or not 1 <= eval_top_k <= self.num_experts
+        ):
+            raise ValueError(f"eval_top_k must be None or in [1, num_experts={self.num_experts}], got {eval_top_k!r}")
         self.batch_priority = batch_priority
+        self.eval_top_k = self.top_k if eval_top_k is None else eval_top_k
         self.capacity_rounding, self.capacity_multiple_of = capacity_rounding, capacity_multiple_of
         if expert_bias:
             # persistent: part of the checkpoint; the load counter is not
@@ -209,8 +150,13 @@ class TokenChoiceRouter(GatedRouter):
         # capacity dropping makes a token's fate depend on the other tokens of its group
         return self.capacity_factor is not None
 
+    def experts_per_token(self, group_size: int | None = None) -> float:
+        """``top_k`` in training, ``eval_top_k`` in evaluation."""
+        return float(self.top_k if self.training else self.eval_top_k)
+
     def forward(self, x_TD: Tensor, ctx: RoutingContext) -> RouterOutput:
-        T, E, K = x_TD.shape[0], self.num_experts, self.top_k
+        T, E = x_TD.shape[0], self.num_experts
+        K = self.top_k if self.training else self.eval_top_k
         S = ctx.group_size
         G = T // S
         noisy = self.training and self.noise is not None

@@ -37,9 +37,9 @@ import torch
 from torch import Tensor
 
 from smoe.routing.base import RouterOutput, RoutingContext
+from smoe.routing.gated import GatedRouter
 from smoe.routing.plan import SparsePlan
 from smoe.routing.registry import register_router
-from smoe.routing.token_choice import GatedRouter
 
 __all__ = ["USMoERouter", "unified_scores", "usmoe_plan"]
 
@@ -90,7 +90,7 @@ def usmoe_plan(scores_GSE: Tensor, pairs_per_group: int) -> SparsePlan:
 class USMoERouter(GatedRouter):
     """USMoE: top-``(S*K)`` token-expert pairs per group by the unified competitive score (module docstring).
 
-    Args (beyond :class:`~smoe.routing.token_choice.GatedRouter`):
+    Args (beyond :class:`~smoe.routing.gated.GatedRouter`):
         rate: weight of the expert-side score, ``0.5`` in the authors' code (``rate = 0``: softmax scores only).
         budget: fraction of the token-choice budget ``S*K`` to spend (``< 1``: fractional top-k, unconfirmed).
         renormalize: divide each token's selected weights by their sum (``norm_topk_prob``; off in the authors'
@@ -121,8 +121,7 @@ class USMoERouter(GatedRouter):
             raise ValueError(f"budget must be in (0, 1], got {budget!r}")
         self.rate, self.budget, self.renormalize = rate, budget, renormalize
 
-    @property
-    def experts_per_token(self) -> float:
+    def experts_per_token(self, group_size: int | None = None) -> float:
         """Average experts per token (for FLOP accounting): ``budget * K``."""
         return self.budget * self.top_k
 

@@ -293,6 +293,8 @@ class XMoERouter(Router):
         else:
             self.register_buffer("log_temperature", log_tau, persistent=True)
 
+    capacity_options = frozenset({"capacity_factor"})
+
     @property
     def couples_tokens(self) -> bool:  # type: ignore[override]
         # capacity dropping makes a token's fate depend on the other tokens of its group (as token choice)

@@ -129,7 +129,7 @@ def run_study(cfg: StudyConfig, *, log: Callable[[str], None] = print) -> StudyR
     Raises:
         ValueError: unknown preset, router, override key or dataset, or a preset of another task.
     """
-    from smoe.models.presets import apply_overrides  # noqa: PLC0415
+    from smoe.models.presets import apply_overrides, model_class  # noqa: PLC0415
     from smoe.study.report import leaderboard_rows, write_report  # noqa: PLC0415
 
     t_start = time.perf_counter()
@@ -171,7 +171,7 @@ def run_study(cfg: StudyConfig, *, log: Callable[[str], None] = print) -> StudyR
             run = StudyRun(variant=variant, seed=seed, run_dir=run_dir, group_mode=v_cfg.moe.group_mode)
             try:
                 torch.manual_seed(seed)
-                model = v_cfg.build()
+                model = model_class(v_cfg.task)(v_cfg)
                 run_data = data.with_seed(seed)
                 write_run_config(
                     run_dir, RunConfig(preset=preset, model=v_cfg, train=train_cfg, data=data_cfg), run_data, changes

@@ -1,17 +1,16 @@
 """``TrainConfig`` (the optimisation budget of a run) and string overrides for small dataclass configs.
 
 ``--set train.lr=1e-3`` and ``--set data.tokenizer=bpe`` reach :func:`apply_dataclass_overrides`, which converts the
-command-line string to the field's declared type and raises ``ValueError`` on an unknown key or a bad value.
+command-line string to the field's declared type with the project's one override parser
+(:mod:`smoe.models.overrides`) and raises ``ValueError`` on an unknown key or a bad value.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import typing
 from dataclasses import dataclass
 
-__all__ = ["TrainConfig", "apply_dataclass_overrides", "parse_value"]
+__all__ = ["TrainConfig", "apply_dataclass_overrides"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -77,62 +76,17 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be a finite number >= 0, got {v!r}")
 
 
-_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
-
-
-def parse_value(text: str, annotation: str, key: str):
-    """Convert the command-line string ``text`` to the type named by ``annotation`` (a string annotation).
-
-    Supports ``int``, ``float``, ``bool``, ``str`` and their ``| None`` forms (``none``/``null`` give ``None``).
-    """
-    kinds = [a.strip() for a in annotation.split("|")]
-    if "None" in kinds and text.strip().lower() in ("none", "null"):
-        return None
-    kinds = [k for k in kinds if k != "None"]
-    kind = kinds[0] if len(kinds) == 1 else None
-    try:
-        if kind == "bool":
-            low = text.strip().lower()
-            if low in _TRUE:
-                return True
-            if low in _FALSE:
-                return False
-            raise ValueError
-        if kind == "int":
-            return int(text)
-        if kind == "float":
-            value = float(text)
-            return value
-        if kind == "str":
-            return text
-    except ValueError:
-        raise ValueError(f"{key}={text!r}: expected a value of type {annotation}") from None
-    raise ValueError(f"{key}: fields of type {annotation} cannot be set from the command line")
-
-
 def apply_dataclass_overrides(config, overrides: dict[str, str], *, prefix: str):
     """A copy of the dataclass ``config`` with ``overrides`` (``{field: string}``) applied.
 
-    Args:
-        config: a dataclass instance (e.g. :class:`TrainConfig`).
-        overrides: field name to command-line string.
-        prefix: the name shown in errors (``"train"`` gives ``train.lr``).
+    The one override parser of the project (:func:`smoe.models.overrides.apply_overrides`) does the work; ``prefix``
+    is the name shown in errors (``"train"`` gives ``train.lr``).
 
     Raises:
         ValueError: unknown field (the message lists the valid ones) or a value of the wrong type.
     """
     if not overrides:
         return config
-    fields = {f.name: f for f in dataclasses.fields(config)}
-    hints = typing.get_type_hints(type(config))
-    changes = {}
-    for key, text in overrides.items():
-        if key not in fields:
-            raise ValueError(f"unknown setting {prefix}.{key}; expected one of {[f'{prefix}.{k}' for k in fields]}")
-        annotation = fields[key].type if isinstance(fields[key].type, str) else _name(hints[key])
-        changes[key] = parse_value(text, annotation, f"{prefix}.{key}")
-    return dataclasses.replace(config, **changes)
+    from smoe.models.overrides import apply_overrides  # noqa: PLC0415 - keep `import smoe.train.config` light
 
-
-def _name(tp) -> str:
-    return " | ".join(getattr(a, "__name__", str(a)).replace("NoneType", "None") for a in typing.get_args(tp) or [tp])
+    return apply_overrides(config, overrides, prefix=prefix)

@@ -167,7 +167,7 @@ def prepare_run(run: RunConfig, *, tokenizer_state: dict | None = None) -> tuple
         data_cfg = dataclasses.replace(data_cfg, dataset=data.name)
     run = dataclasses.replace(run, model=model_cfg, data=data_cfg)
     torch.manual_seed(run.train.seed)
-    return model_cfg.build(), data, run, changes
+    return _presets().model_class(model_cfg.task)(model_cfg), data, run, changes
 
 
 def _versions() -> dict:

@@ -210,7 +210,7 @@ def test_bench_runs_and_times_the_baselines(capsys):
         (["train", "--preset", "lm_huge", "--steps", "1"], "unknown preset 'lm_huge'"),
         (["train", *TINY_LM, "--set", "moe.router=nope", "--steps", "1"], "unknown router 'nope'"),
         (["train", *TINY_LM, "--set", "moe.nope=1"], "unknown config key 'moe.nope'"),
-        (["train", *TINY_LM, "--set", "train.nope=1"], "unknown setting train.nope"),
+        (["train", *TINY_LM, "--set", "train.nope=1"], "unknown config key 'train.nope'"),
         (["train", *TINY_LM, "--set", "moe.top_k"], "--set expects KEY=VALUE"),
         (["train", *TINY_LM, "--set", "moe.top_k=lots"], "moe.top_k"),
         (["train", "--preset", "lm_debug", "--dataset", "imagenet"], "unknown dataset 'imagenet'"),

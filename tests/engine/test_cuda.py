@@ -14,7 +14,7 @@ import torch
 from test_equivalence import CASES, F64, _grads, make_layer
 
 import smoe
-from smoe.engine.backend import choose_kernel
+from smoe.experts.kernels import choose_kernel
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import smoe
-from smoe.engine.backend import HAS_GROUPED_MM
+from smoe.experts.kernels import HAS_GROUPED_MM
 
 F64 = torch.float64
 
@@ -114,8 +114,8 @@ def test_grouped_mm_kernel_matches_float64_reference(case):
 
 def test_dense_plan_fast_equals_reference():
     """The dense (Soft-MoE style) engine path, driven by a hand-made DensePlan."""
-    from smoe.engine import run_dense_fast, run_dense_reference
-    from smoe.layers.experts import Experts
+    from smoe.engine import LocalDispatcher, run_dense_reference
+    from smoe.experts import SwiGLUExperts as Experts
     from smoe.routing.plan import DensePlan
 
     G, S, E, C, D = 2, 5, 3, 2, 8
@@ -131,7 +131,7 @@ def test_dense_plan_fast_equals_reference():
     inputs = [x, logits, *experts.parameters()]
     y_ref = run_dense_reference(x, plan(), experts)
     g_ref = torch.autograd.grad((y_ref * gy).sum(), inputs)
-    y_fast = run_dense_fast(x, plan(), experts, kernel="loop")
+    y_fast = LocalDispatcher().run(x, plan(), experts, kernel="loop")
     g_fast = torch.autograd.grad((y_fast * gy).sum(), inputs)
     torch.testing.assert_close(y_fast, y_ref)
     for a, b in zip(g_fast, g_ref):

@@ -35,7 +35,8 @@ def test_non_finite_input(layer, value):
         (dict(capacity_factor=0.0), "capacity_factor"),
         (dict(capacity_factor=-1.0), "capacity_factor"),
         (dict(router="no_such_router"), "token_choice"),  # the error lists the valid names
-        (dict(expert="relu"), "relu"),
+        (dict(expert="tanh"), "tanh"),  # an unknown expert type: the error lists the valid ones
+        (dict(experts="tanh"), "swiglu"),
         (dict(group_mode="document"), "document"),
         (dict(group_size=0), "group_size"),
         (dict(router_kwargs={"order": "sideways"}), "sideways"),

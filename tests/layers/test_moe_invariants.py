@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import smoe
-from smoe.layers.experts import MLP
+from smoe.experts import MLP
 
 F64 = torch.float64
 

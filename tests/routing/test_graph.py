@@ -82,7 +82,7 @@ def test_attention_mixing_matches_hand_computation_in_every_group_mode():
     router = smoe.build_router("attention_aware", dim=D, num_experts=E, top_k=K, dtype=F64)
     p_BLE = torch.softmax(x.float() @ router.gate.weight.float().t(), -1)
     expected_BLE = A.mean(1).float() @ p_BLE  # p~_i = sum_j A[i, j] p_j within each sequence
-    experts = smoe.Experts(D, 16, E, dtype=F64).state_dict()
+    experts = smoe.SwiGLUExperts(D, 16, E, dtype=F64).state_dict()
     outputs = []
     for mode, S in (("batch", B * L), ("sequence", L), ("position", B)):
         # the router sees tokens in routing order: (L, B) in position mode, (B, L) otherwise

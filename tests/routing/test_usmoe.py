@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import smoe
-from smoe.routing.swap import swap_router
+from smoe.interop.swap import swap_router
 from smoe.routing.token_choice import TokenChoiceRouter
 from smoe.routing.usmoe import USMoERouter, unified_scores, usmoe_plan
 
@@ -58,7 +58,7 @@ def test_fractional_budget_and_renormalisation():
     layer = smoe.MoE(8, 16, 4, 2, router="usmoe", router_kwargs={"budget": 0.5, "renormalize": True}, dtype=F64)
     _, aux = layer(torch.randn(2, 5, 8, dtype=F64))
     assert aux.plan.num_rows == math.ceil(0.5 * 10 * 2)  # one group of S = 10 tokens, K = 2
-    assert layer.router.experts_per_token == 1.0
+    assert layer.router.experts_per_token() == 1.0
     sums = torch.zeros(10).index_add(0, aux.plan.token_idx_N, aux.plan.weight_N)  # router math is float32
     routed = torch.bincount(aux.plan.token_idx_N, minlength=10) > 0
     torch.testing.assert_close(sums[routed], torch.ones(int(routed.sum())))

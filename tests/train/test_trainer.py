@@ -97,9 +97,9 @@ def test_bf16_autocast_trains():
 def test_dataclass_overrides_convert_and_reject():
     cfg = apply_dataclass_overrides(TrainConfig(), {"lr": "1e-3", "bf16": "true", "steps": "7"}, prefix="train")
     assert (cfg.lr, cfg.bf16, cfg.steps) == (1e-3, True, 7)
-    with pytest.raises(ValueError, match="unknown setting train.nope"):
+    with pytest.raises(ValueError, match="unknown config key 'train.nope'"):
         apply_dataclass_overrides(TrainConfig(), {"nope": "1"}, prefix="train")
-    with pytest.raises(ValueError, match="train.steps='x': expected a value of type int"):
+    with pytest.raises(ValueError, match="train.steps: expected int, got 'x'"):
         apply_dataclass_overrides(TrainConfig(), {"steps": "x"}, prefix="train")
     with pytest.raises(ValueError, match="train.steps must be a positive integer"):
         apply_dataclass_overrides(TrainConfig(), {"steps": "0"}, prefix="train")

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 import smoe
-from smoe.engine import buffers
-from smoe.engine.backend import HAS_GROUPED_MM, choose_kernel
-from smoe.engine.fused import swiglu_experts
+from smoe.engine import LocalDispatcher
 from smoe.engine.reference import run_sparse_reference
-from smoe.layers.experts import Experts
+from smoe.experts import SwiGLUExperts as Experts
+from smoe.experts import buffers
+from smoe.experts.fused_swiglu import swiglu_experts
+from smoe.experts.kernels import HAS_GROUPED_MM, choose_kernel
 from smoe.routing.plan import SparsePlan, sparse_plan_from_topk
 
 F64 = torch.float64
@@ -270,8 +271,11 @@ def test_large_finite_input_is_accepted():
 @pytest.mark.skipif(not HAS_GROUPED_MM, reason="this torch has no torch._grouped_mm")
 def test_dense_plan_grouped_mm_kernel_matches_float64_reference():
     """The fused op without gather and combine (Soft-MoE slots), on the grouped_mm kernel."""
-    from smoe.engine import run_dense_fast, run_dense_reference
+    from smoe.engine import run_dense_reference
     from smoe.routing.plan import DensePlan
+
+    def run_dense_fast(x, plan, experts, kernel):  # the local dispatcher's dense path (slot mixing + experts)
+        return LocalDispatcher().run(x, plan, experts, kernel=kernel)
 
     G, S, E, C, D = 2, 5, 3, 2, 8
     experts32 = Experts(D, 16, E)

@@ -2,15 +2,16 @@
 
 ``y[tok[n]] += weight[n] * w2[e] (silu(w1[e] x[src[n]]) * w3[e] x[src[n]])`` for the rows ``n`` of each expert
 ``e`` (rows sorted by expert), with the backward written by hand. It computes exactly what the modular path
-(:mod:`smoe.engine.ops`: gather, three grouped GEMMs, activation, weighted scatter) computes; it exists because on
-CPU the modular path spent a large share of its time outside the GEMMs. Measured at d=512, F=1024, 4096 tokens,
-top-2, 64 experts, fp32, 2 cores (``benchmarks/README.md``), the modular path page-faulted about 640 MiB of fresh
-memory per training step (the dense MLP it is compared with: about 200 MiB); this op faults none in steady state:
+computes (the seam: the dispatcher's gather, three grouped GEMMs of :mod:`smoe.experts.grouped`, the activation,
+the dispatcher's weighted scatter); it exists because on CPU the modular path spent a large share of its time
+outside the GEMMs. Measured at d=512, F=1024, 4096 tokens, top-2, 64 experts, fp32, 2 cores
+(``benchmarks/README.md``), the modular path page-faulted about 640 MiB of fresh memory per training step (the
+dense MLP it is compared with: about 200 MiB); this op faults none in steady state:
 
 * **no full-size temporaries.** Every elementwise op of the unfused path allocates an ``(N, F)`` tensor (32 MiB
   here: ``silu(h1)``, ``silu * h3``, and four more in the backward); blocks that large come straight from ``mmap``
   and are faulted and zeroed page by page. Here only ``h1`` and ``h3`` are full-size (saved for the backward, from
-  the reused buffers of :mod:`smoe.engine.buffers`, like the weight gradients); everything else lives in
+  the reused buffers of :mod:`smoe.experts.buffers`, like the weight gradients); everything else lives in
   per-expert work buffers of ``max_count`` rows that stay in cache and are reused from one expert to the next.
 * **fewer passes over memory.** The activation, the combine weight and the router-weight gradient are applied to
   one expert's rows right after its GEMM, while they are in cache.
@@ -35,8 +36,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from smoe.engine.backend import choose_kernel
-from smoe.engine.buffers import empty_grad, empty_saved
+from smoe.experts.buffers import empty_grad, empty_saved
+from smoe.experts.kernels import choose_kernel
 
 __all__ = ["swiglu_experts"]
 
@@ -228,7 +229,7 @@ def swiglu_experts(
         x_RD: engine input rows.
         w1_EFD, w3_EFD, w2_EDF: stacked expert weights (``nn.Linear`` layout per expert).
         counts_E: ``(E,)`` rows per expert; expert ``e`` owns the next ``counts_E[e]`` rows.
-        kernel: ``"loop"``, ``"grouped_mm"`` or ``"auto"`` (resolved by :func:`smoe.engine.backend.choose_kernel`).
+        kernel: ``"loop"``, ``"grouped_mm"`` or ``"auto"`` (resolved by :func:`smoe.experts.kernels.choose_kernel`).
         source_idx_N: ``(N,)`` input row of each assignment row; ``None``: row ``n`` is ``x_RD[n]``.
         token_idx_N: ``(N,)`` output token of each row; ``None``: return the ``(N, D)`` expert outputs.
         weight_N: ``(N,)`` combine weights (differentiable), or ``None`` for 1.

@@ -8,7 +8,10 @@ new router of the requested registry name, built with the layer's sizes, and the
 (the new router owns its own tensor, equal to the old one). Only the gate weight carries over: token-choice
 extras (the aux-loss-free expert bias, noise settings, capacity) belong to the old selection rule and are dropped.
 
-This module has no router of its own, so it registers nothing.
+An evaluation capacity set on a swapped layer (:meth:`smoe.MoE.set_eval_capacity`) belongs to the old selection
+rule too: it is cleared.
+
+This is model surgery on built layers, so it lives with the other interop code, above the layers it edits.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from smoe.layers.moe import MoE
 from smoe.routing.registry import build_router
 from smoe.routing.token_choice import TokenChoiceRouter
 
@@ -37,9 +41,7 @@ def swap_router(model: nn.Module, name: str, *, allow_token_coupling: bool = Fal
     Returns:
         The qualified names of the swapped MoE layers (empty if the model has no token-choice router).
     """
-    from smoe.layers.moe import MoE  # the layer imports the routing package: import lazily
-
-    swapped: list[tuple[str, MoE, nn.Module, bool]] = []
+    swapped: list[tuple[str, MoE, nn.Module, bool, tuple]] = []
     try:
         for qualname, module in model.named_modules():
             if not isinstance(module, MoE) or not isinstance(module.router, TokenChoiceRouter):
@@ -64,13 +66,15 @@ def swap_router(model: nn.Module, name: str, *, allow_token_coupling: bool = Fal
             with torch.no_grad():
                 gate.weight.copy_(weight)
             new.train(old.training)
-            swapped.append((qualname, module, old, module.allow_token_coupling))
+            swapped.append((qualname, module, old, module.allow_token_coupling, module.capacity_state()))
+            module.clear_eval_capacity()
             module.router = new
             if allow_token_coupling and module.causal:
                 module.allow_token_coupling = True
             module.check_causal_safety()
     except Exception:
-        for _, module, old, allow in swapped:  # leave the model as it was
+        for _, module, old, allow, capacity in reversed(swapped):  # leave the model as it was
             module.router, module.allow_token_coupling = old, allow
+            module.restore_capacity_state(capacity)
         raise
     return [qualname for qualname, *_ in swapped]

@@ -1,11 +1,12 @@
-"""Reused CPU memory for the engine's large per-step buffers: weight gradients and saved activations.
+"""Reused CPU memory for the experts' large per-step buffers: weight gradients and saved activations.
 
 Why: on CPU, blocks of more than 32 MiB come straight from ``mmap``, and the kernel faults and zeroes every page on
-first touch. The fast engine has two kinds of such buffers per step: the experts' weight gradients (``E`` times
-those of one dense MLP: 128 MiB per projection at 64 experts, d=512, F=1024, fp32) and the ``(N, F)`` hidden
-activations it saves for the backward. Allocating them afresh every step cost about as much as one GEMM writing
-them (measured in ``benchmarks/README.md``). The CUDA caching allocator avoids this on GPUs; this module does the
-same for these buffers, on CPU only.
+first touch. The stacked experts' GEMMs (:mod:`smoe.experts.fused_swiglu`, :mod:`smoe.experts.grouped`) have two
+kinds of such buffers per step: the experts' weight gradients (``E`` times those of one dense MLP: 128 MiB per
+projection at 64 experts, d=512, F=1024, fp32) and the ``(N, F)`` hidden activations saved for the backward.
+Allocating them afresh every step cost about as much as one GEMM writing them (measured in
+``benchmarks/README.md``). The CUDA caching allocator avoids this on GPUs; this module does the same for these
+buffers, on CPU only.
 
 How it stays safe: the pool keeps a reference to each storage it handed out and hands a storage out again only
 when it holds the *only* reference (``torch._C._storage_Use_Count == 1``): every tensor or view still using it
@@ -20,7 +21,7 @@ activations of its experts), held through a weak reference: when a model is dele
 it. A weight has at most two gradient buffers (one as ``param.grad``, one in flight when gradients are kept).
 Activation sizes follow the number of routed rows; when no free buffer of the requested size exists, the free
 activation buffers of other sizes are dropped first, so a run whose sizes keep changing (capacity routing) holds no
-more than it uses. Under autocast the engine sees a fresh cast copy of each weight every step, so nothing is
+more than it uses. Under autocast the experts see a fresh cast copy of each weight every step, so nothing is
 reused there.
 
 The cost is that the memory is not returned to the system between steps (as with the CUDA caching allocator):
