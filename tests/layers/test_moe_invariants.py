@@ -9,22 +9,25 @@ from smoe.experts import MLP
 F64 = torch.float64
 
 
-@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-@pytest.mark.parametrize("backend", ["reference", "fast"])
-def test_one_expert_top1_equals_dense_mlp(activation, backend):
-    # softmax over a single logit is exactly 1, so the MoE is the expert itself
-    layer = smoe.MoE(8, 16, 1, 1, expert=activation, expert_bias=activation == "gelu", dtype=F64, backend=backend)
-    mlp = MLP(8, 16, activation=activation, bias=activation == "gelu", dtype=F64)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("activation", smoe.list_experts())
+@pytest.mark.parametrize("backend", ["reference", "fast", "unfused"])
+def test_one_expert_top1_equals_dense_mlp(activation, bias, backend):
+    # softmax over a single logit is exactly 1, so the MoE is the expert itself: every expert type, with and without
+    # biases, computes what the dense MLP of the same activation computes
+    layer = smoe.MoE(8, 16, 1, 1, expert=activation, expert_bias=bias, dtype=F64, backend=backend)
+    mlp = MLP(8, 16, activation=activation, bias=bias, dtype=F64)
+    ex = layer.experts
     with torch.no_grad():
-        mlp.w1.weight.copy_(layer.experts.w1_EFD[0])
-        mlp.w2.weight.copy_(layer.experts.w2_EDF[0])
-        if activation == "swiglu":
-            mlp.w3.weight.copy_(layer.experts.w3_EFD[0])
-        else:
-            layer.experts.b1_EF.normal_()
-            layer.experts.b2_ED.normal_()
-            mlp.w1.bias.copy_(layer.experts.b1_EF[0])
-            mlp.w2.bias.copy_(layer.experts.b2_ED[0])
+        for b in (ex.b1_EF, ex.b3_EF, ex.b2_ED):
+            if b is not None:
+                b.normal_()
+        for lin, w, b in ((mlp.w1, ex.w1_EFD, ex.b1_EF), (mlp.w3, ex.w3_EFD, ex.b3_EF), (mlp.w2, ex.w2_EDF, ex.b2_ED)):
+            assert (lin is None) == (w is None)
+            if lin is not None:
+                lin.weight.copy_(w[0])
+                if b is not None:
+                    lin.bias.copy_(b[0])
     x = torch.randn(3, 5, 8, dtype=F64)
     y, aux = layer(x)
     torch.testing.assert_close(y, mlp(x))

@@ -98,3 +98,29 @@ def test_loss_needs_no_labels_and_inputs_are_checked():
         model(torch.rand(2, 28, 28))
     with pytest.raises(ValueError, match="targets_B"):
         model(torch.rand(2, 1, 28, 28), torch.zeros(3, dtype=torch.long))
+
+
+def test_decoders_are_experts_behind_a_registered_router_and_the_engine():
+    """The SMoE-VAE is an smoe.MoE: token-choice router with the authors' gate MLP, decoders as ModuleExperts; the
+    engine's seam path equals its reference on the reconstruction and on every gradient."""
+    import smoe
+
+    torch.manual_seed(0)
+    model = build_model("vae_debug").train()
+    assert isinstance(model.moe, smoe.MoE) and model.moe.router.registry_name == "token_choice"
+    assert isinstance(model.moe.experts, smoe.ModuleExperts) and model.decoders is model.moe.experts
+    assert model.moe.router.top_k == 3 and model.moe.router.eval_top_k == 1  # dense mixture, top-1 evaluation
+    images = torch.rand(4, 1, 28, 28)
+    results = {}
+    for backend in ("reference", "unfused"):
+        model.zero_grad(set_to_none=True)
+        model.moe.backend = backend
+        torch.manual_seed(2)
+        out = model(images)
+        out.total_loss.backward()
+        results[backend] = (out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    (y_ref, g_ref), (y_seam, g_seam) = results["reference"], results["unfused"]
+    torch.testing.assert_close(y_seam, y_ref)
+    for name in g_ref:
+        torch.testing.assert_close(g_seam[name], g_ref[name], msg=name)
+    assert all(g.abs().sum() > 0 for n, g in g_seam.items() if n.startswith("moe.experts.")), "every decoder learns"

@@ -108,3 +108,19 @@ def test_classification_outputs_and_accuracy():
 def test_bad_images_raise(images, match):
     with pytest.raises(ValueError, match=match):
         _vmoe()(images)
+
+
+def test_eval_capacity_is_refused_for_routers_without_one_and_cleared_by_a_router_swap():
+    from smoe.interop import swap_router
+
+    # usmoe has no per-expert capacity: the old attribute write went through silently, the declaration refuses it
+    model = build_model("vit_debug", **{"moe.router": "usmoe", "moe.capacity_factor": None, "moe.router_kwargs": {}})
+    with pytest.raises(ValueError, match="router 'usmoe' has no capacity_factor"):
+        model.set_eval_capacity(1.0)
+    # a V-MoE with an evaluation capacity, swapped to usmoe without training: the old rule's eval capacity goes too
+    vmoe = _vmoe(**{"moe.eval_capacity_factor": 0.5})
+    assert swap_router(vmoe, "usmoe")
+    vmoe.eval()  # would raise if the 0.5 were still to be applied to the new router
+    assert all(m.capacity_factor is None for m in vmoe.moe_layers())
+    with torch.no_grad():
+        vmoe(torch.randn(4, 1, 28, 28))

@@ -8,8 +8,11 @@ For each router, in training and in evaluation mode, with tiny float64 layers on
 * evaluation is deterministic (same input -> same plan and output);
 * the task loss reaches every router parameter when ``router.differentiable`` (and none when it is not);
 * the fast engine equals the reference engine on the output and on the gradients of the input, of every router
-  parameter and of every expert parameter (``backend="loop"`` and ``backend="fast"`` vs ``backend="reference"``),
-  in ``group_mode="batch"`` and ``"position"`` (the latter permutes tokens to ``(L, B)`` order).
+  parameter and of every expert parameter (``backend="loop"``, ``"fast"`` -- the fused path where the experts
+  offer it -- and ``"unfused"`` -- the seam ``dispatch -> experts -> combine`` -- vs ``backend="reference"``), in
+  ``group_mode="batch"`` and ``"position"`` (the latter permutes tokens to ``(L, B)`` order);
+* the same holds for every registered expert type, with and without biases, and for wrapped modules
+  (:class:`smoe.ModuleExperts`), on both engine paths.
 
 Every call passes ``token_ids=`` and ``attn_probs=`` (a causal attention computed from the input), so routers that
 need context (hash, attention-aware) get it. Routers that are random in training (S2MoE's noise, random routing,
@@ -51,9 +54,25 @@ def make_inputs(shape=(B, L, D)):
     return x, token_ids, causal_attention(x.unsqueeze(0))[0, 0]
 
 
-def make_layer(name, backend=None, group_mode="batch"):
+#: every expert type of the registry, with and without biases, and a wrapped module: (label, MoE keyword arguments)
+EXPERT_VARIANTS = [
+    (f"{name}{'+bias' if bias else ''}", lambda name=name, bias=bias: dict(experts=name, expert_bias=bias))
+    for name in smoe.list_experts()
+    for bias in (False, True)
+] + [("module", lambda: dict(experts=module_experts()))]
+
+
+def module_experts():
+    """``E`` small ``nn.Sequential`` experts (tanh MLPs) wrapped as :class:`smoe.ModuleExperts`."""
+    mods = [torch.nn.Sequential(torch.nn.Linear(D, F), torch.nn.Tanh(), torch.nn.Linear(F, D)) for _ in range(E)]
+    return smoe.ModuleExperts(mods, dim=D).to(F64)
+
+
+def make_layer(name, backend=None, group_mode="batch", **moe_kwargs):
     kw = ROUTER_KWARGS.get(name)
-    return smoe.MoE(D, F, E, K, router=name, group_mode=group_mode, backend=backend, dtype=F64, router_kwargs=kw)
+    return smoe.MoE(
+        D, F, E, K, router=name, group_mode=group_mode, backend=backend, dtype=F64, router_kwargs=kw, **moe_kwargs
+    )
 
 
 def run(layer, x, token_ids, attn, seed=0):
@@ -145,7 +164,7 @@ def _output_and_grads(layer, x, ids, attn, gy, training):
 
 
 @pytest.mark.parametrize("group_mode", ["batch", "position"])
-@pytest.mark.parametrize("backend", ["loop", "fast"])
+@pytest.mark.parametrize("backend", ["loop", "fast", "unfused"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("name", ROUTERS)
 def test_fast_engine_equals_reference(name, training, backend, group_mode):
@@ -160,3 +179,51 @@ def test_fast_engine_equals_reference(name, training, backend, group_mode):
     assert g_fast.keys() == g_ref.keys()
     for key in g_ref:
         torch.testing.assert_close(g_fast[key], g_ref[key], atol=1e-10, rtol=1e-8, msg=lambda m, k=key: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["fast", "unfused"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("experts", [label for label, _ in EXPERT_VARIANTS])
+@pytest.mark.parametrize("name", ROUTERS)
+def test_every_expert_type_on_both_engine_paths_equals_reference(name, experts, training, backend):
+    make_kwargs = dict(EXPERT_VARIANTS)[experts]
+    ref = make_layer(name, backend="reference", **make_kwargs())
+    with torch.no_grad():  # non-zero biases, so that a bias applied to the wrong rows would show
+        for n, p in ref.experts.named_parameters():
+            if n.startswith("b") and n.endswith(("_EF", "_ED")):
+                p.normal_()
+    fast = make_layer(name, backend=backend, **make_kwargs())
+    fast.load_state_dict(ref.state_dict())
+    x, ids, attn = make_inputs()
+    gy = torch.randn_like(x)
+    y_ref, g_ref = _output_and_grads(ref, x, ids, attn, gy, training)
+    y_fast, g_fast = _output_and_grads(fast, x, ids, attn, gy, training)
+    torch.testing.assert_close(y_fast, y_ref, atol=1e-10, rtol=1e-8)
+    assert g_fast.keys() == g_ref.keys()
+    for key in g_ref:
+        torch.testing.assert_close(g_fast[key], g_ref[key], atol=1e-10, rtol=1e-8, msg=lambda m, k=key: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("name", ROUTERS)
+def test_router_declarations(name):
+    """What models read of a router is declared on it, with the right types (never a name or hasattr)."""
+    router = make_layer(name).router
+    assert router.registry_name == name and router.name == name
+    for flag in ("couples_tokens", "differentiable", "needs_token_ids", "needs_attention_probs"):
+        assert isinstance(getattr(router, flag), bool), flag
+    assert router.plan_kind in ("sparse", "dense")
+    assert router.capacity_options <= {"capacity_factor", "batch_priority"}
+    k = router.experts_per_token(L)
+    assert isinstance(k, float) and 0 < k <= E, k
+    assert router.extra_flops_per_token() >= 0
+    cf, bp = router.get_capacity()
+    if "capacity_factor" in router.capacity_options:
+        router.set_capacity(1.5)
+        assert router.get_capacity()[0] == 1.5
+        router.set_capacity(cf, bp)
+        with pytest.raises(ValueError, match="capacity_factor"):
+            router.set_capacity(float("nan"))
+    else:
+        assert cf is None
+        with pytest.raises(ValueError, match=f"router {name!r} has no capacity_factor"):
+            router.set_capacity(1.5)
