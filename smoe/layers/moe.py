@@ -273,7 +273,7 @@ class MoE(nn.Module):
     @property
     def capacity_factor(self) -> float | None:
         """The router's capacity factor in force (``None``: dropless, or a router without one)."""
-        return self.router.capacity()[0]
+        return self.router.get_capacity()[0]
 
     def set_eval_capacity(self, capacity_factor: float | None, batch_priority: bool | None = None) -> None:
         """Use this capacity factor (and BPR setting) in ``eval()`` mode; training keeps its own.
@@ -288,7 +288,7 @@ class MoE(nn.Module):
         """
         if batch_priority and capacity_factor is None:
             raise ValueError("batch_priority=True needs a capacity_factor (BPR only decides which tokens are dropped)")
-        train = self._train_capacity if self._train_capacity is not None else self.router.capacity()
+        train = self._train_capacity if self._train_capacity is not None else self.router.get_capacity()
         self.router.set_capacity(capacity_factor, batch_priority)  # validates first: nothing changes on an error
         try:
             self.check_causal_safety()  # a capacity at evaluation can make a causal layer leak: refuse it now

@@ -136,7 +136,7 @@ class Router(nn.Module):
         """Forward FLOPs per token the routing adds beyond its gate's matrix product (Soft MoE's slot mixing)."""
         return 0.0
 
-    def capacity(self) -> tuple[float | None, bool | None]:
+    def get_capacity(self) -> tuple[float | None, bool | None]:
         """``(capacity_factor, batch_priority)`` in force; ``None`` for an option the router does not declare."""
         cf = self.capacity_factor if "capacity_factor" in self.capacity_options else None
         bp = self.batch_priority if "batch_priority" in self.capacity_options else None
