@@ -2,7 +2,8 @@
 
 For each configuration (experts ``E``, top-k ``K``, dtype) the same input of ``T`` tokens (``B x L``, width ``d``)
 runs through these candidates, interleaved in one process (every repeat runs each candidate once, in an order that
-rotates from repeat to repeat), in training mode, forward then backward of a scalar loss:
+rotates from repeat to repeat and is reversed every other repeat), in training mode, forward then backward of a
+scalar loss:
 
 * **dense**: the *dense-equivalent*, one expert-sized SwiGLU MLP (``smoe.layers.MLP``) on ``T*K`` rows, i.e. the
   three expert GEMMs of the MoE with no routing, gather or scatter; loss ``y.sum()``;
@@ -29,6 +30,11 @@ Run (the default grid takes about ten minutes on 2 CPU cores)::
     python benchmarks/bench_layer.py --experts 8 64 --top-k 2 --dtype float32 --repeats 9 --no-reference
     python benchmarks/bench_layer.py --experts 8 64 --top-k 2 --dtype float32 --no-reference --no-hf --gemm-floor
 
+``--previous DIR`` adds the layer as another commit of smoe builds it (**previous**: ``smoe_prev.MoE`` from
+``DIR/smoe_prev``, written by ``benchmarks/previous_engine.py COMMIT DIR``), with the same weights, and a column
+``smoe / previous``: the median over repeats of the two times of the same repeat. This is how a change to the
+engine shows its before/after.
+
 ``--gemm-floor`` adds two float32 candidates that time the nine GEMMs of a training step and nothing else: per
 expert with this configuration's routed row counts ("experts' GEMMs": what any engine built on per-expert
 ``torch.mm`` pays) and on the dense MLP's ``T*k`` rows ("dense GEMMs").
@@ -42,6 +48,7 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -78,6 +85,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "grows as E^2 (one full-size weight-gradient tensor per expert)",
     )
     p.add_argument("--hf-impls", nargs="+", default=["eager", "grouped_mm"], help="HF experts implementations")
+    p.add_argument(
+        "--previous",
+        type=Path,
+        default=None,
+        help="folder holding smoe_prev/ (benchmarks/previous_engine.py COMMIT DIR): time that commit's layer too",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument(
         "--device",
@@ -114,7 +127,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--device {args.device!r} is not a torch device (expected cpu, cuda, cuda:N, ...)")
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device!r}: this torch sees no CUDA device")
+    if args.previous is not None and not (args.previous / "smoe_prev" / "__init__.py").is_file():
+        p.error(f"--previous {str(args.previous)!r} holds no smoe_prev/ (write it with benchmarks/previous_engine.py)")
     return args
+
+
+def previous_smoe(folder: Path):
+    """The ``smoe_prev`` package in ``folder`` (another commit of smoe, imported under another name)."""
+    sys.path.insert(0, str(folder))
+    import smoe_prev  # noqa: PLC0415
+
+    return smoe_prev
 
 
 def tune_malloc() -> bool:
@@ -305,6 +328,11 @@ def bench_config(args, E: int, K: int, dtype: torch.dtype) -> dict:
     layer = layer.to(dev, dtype)
     x_BLD = x_BLD.to(dev, dtype)
     cands.insert(1, Candidate("smoe", layer, x_BLD, _moe_loss))
+    if args.previous is not None:
+        prev = previous_smoe(args.previous)
+        prev_layer = prev.MoE(D, F, E, K).train()
+        prev_layer.load_state_dict(layer.state_dict())  # the same weights (the checkpoint layout did not change)
+        cands.insert(2, Candidate("previous", prev_layer.to(dev, dtype), x_BLD, _moe_loss))
     if not args.no_reference and E <= args.loop_max_experts:
         cands.insert(2, Candidate("reference", layer, x_BLD, _moe_loss, backend="reference", slow=True))
     if args.gemm_floor and dtype == torch.float32:
@@ -320,7 +348,13 @@ def bench_config(args, E: int, K: int, dtype: torch.dtype) -> dict:
             single[c.name] = t
     times = {c.name: [] for c in cands}  # per repeat: (fwd, fwd+bwd) or None when not run
     for r in range(args.repeats):
-        order = cands[r % len(cands) :] + cands[: r % len(cands)]
+        # rotate, and reverse every other repeat: each candidate runs in every position and right before and right
+        # after every other candidate equally often (with a plain rotation, which candidate follows the dense MLP --
+        # and inherits the memory state its page faults leave -- is not balanced)
+        shift = (r // 2) % len(cands)
+        order = cands[shift:] + cands[:shift]
+        if r % 2:
+            order = order[::-1]
         for c in order:
             skip = c.name in single or (c.slow and r >= args.slow_repeats)
             times[c.name].append(None if skip else c.run())
@@ -334,6 +368,12 @@ def bench_config(args, E: int, K: int, dtype: torch.dtype) -> dict:
         "single": set(single),
         "faults": {n: statistics.median(t[2] for t in times[n]) * page / 2**20 for n in ("dense", "smoe")},
     }
+    if args.previous is not None:  # smoe against the previous commit's layer, repeat by repeat
+        pairs = list(zip(times["smoe"], times["previous"]))
+        out["smoe / previous"] = (
+            statistics.median(a[0] / b[0] for a, b in pairs),
+            statistics.median(a[1] / b[1] for a, b in pairs),
+        )
     for c in cands[1:]:
         if c.name in single:
             out[c.name] = (single[c.name][0] / dense_f, single[c.name][1] / dense_fb)
@@ -345,6 +385,8 @@ def bench_config(args, E: int, K: int, dtype: torch.dtype) -> dict:
         )
     del cands, layer, dense
     smoe.experts.buffers.clear()  # the next configuration's sizes differ: do not keep this one's memory
+    if args.previous is not None:
+        previous_smoe(args.previous).engine.buffers.clear()
     return out
 
 
@@ -365,6 +407,8 @@ def main(argv=None) -> None:
         + ("glibc tuned, no page faults after warm-up" if tuned else "default")
     )
     names = ["smoe"]
+    if args.previous is not None:
+        names += ["previous", "smoe / previous"]
     if not args.no_reference:
         names.append("reference")
     if not args.no_hf:

@@ -316,8 +316,9 @@ class ViTConfig(_TransformerFields):
 class VAEConfig:
     """SMoE-VAE: a shared encoder and a mixture of decoder experts (Nikolic et al., arXiv 2509.10025; §9).
 
-    Only ``moe.num_experts`` and ``moe.top_k`` (experts used at evaluation, 1 in the paper) are read from ``moe``;
-    the decoder experts and the latent gate are the paper's own modules (see :mod:`smoe.models.vae`).
+    Only ``moe.num_experts`` and ``moe.top_k`` (experts used at evaluation, 1 in the paper) are read from ``moe``:
+    the decoder experts (the paper's own modules, as :class:`smoe.ModuleExperts`) run behind a ``token_choice``
+    router with the paper's gate MLP (see :mod:`smoe.models.vae`).
 
     Attributes:
         task: always ``"vae"``.

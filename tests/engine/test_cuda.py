@@ -36,9 +36,10 @@ def _check_on_device(case, dtype, atol, rtol, backend="auto"):
         torch.testing.assert_close(a.double().cpu(), b, atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("backend", ["auto", "unfused"])  # the fused op where offered; the dispatcher seam
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_fast_engine_float32_on_cuda_matches_float64_reference(case):
-    _check_on_device(case, torch.float32, atol=2e-5, rtol=2e-4)
+def test_fast_engine_float32_on_cuda_matches_float64_reference(case, backend):
+    _check_on_device(case, torch.float32, atol=2e-5, rtol=2e-4, backend=backend)
 
 
 @pytest.mark.parametrize("case", ["dropless_k2", "capacity_drops", "expert_choice", "top_k_equals_num_experts"])
