@@ -38,6 +38,7 @@ from torch import Tensor
 
 from smoe.engine.ops import gather_rows, scatter_add_weighted
 from smoe.experts.base import Experts
+from smoe.registry import Registry
 from smoe.routing.plan import DensePlan, RoutingPlan, SparsePlan
 
 __all__ = [
@@ -89,33 +90,22 @@ class Dispatcher:
         return f"{type(self).__name__}()"
 
 
-_DISPATCHERS: dict[str, type[Dispatcher]] = {}
+_DISPATCHERS: Registry[type[Dispatcher]] = Registry("dispatcher")
 
 
 def register_dispatcher(name: str) -> Callable[[type[Dispatcher]], type[Dispatcher]]:
     """Class decorator that registers a dispatcher under ``name``."""
-
-    def deco(cls: type[Dispatcher]) -> type[Dispatcher]:
-        if name in _DISPATCHERS and _DISPATCHERS[name] is not cls:
-            raise ValueError(f"dispatcher name {name!r} is already registered to {_DISPATCHERS[name].__name__}")
-        _DISPATCHERS[name] = cls
-        cls.registry_name = name
-        return cls
-
-    return deco
+    return _DISPATCHERS.register(name)
 
 
 def list_dispatchers() -> list[str]:
     """Names of all registered dispatchers, sorted."""
-    return sorted(_DISPATCHERS)
+    return _DISPATCHERS.names()
 
 
 def get_dispatcher(name: str) -> type[Dispatcher]:
     """The dispatcher class registered under ``name``; ``ValueError`` listing the valid names otherwise."""
-    try:
-        return _DISPATCHERS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown dispatcher {name!r}; expected one of {list_dispatchers()}") from None
+    return _DISPATCHERS.get(name)
 
 
 def build_dispatcher(name: str, **kwargs) -> Dispatcher:

@@ -11,36 +11,26 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from smoe.experts.base import Experts
+from smoe.registry import Registry
 
 __all__ = ["register_experts", "get_experts", "list_experts", "build_experts"]
 
-_EXPERTS: dict[str, type[Experts]] = {}
+_EXPERTS: Registry[type[Experts]] = Registry("expert type")
 
 
 def register_experts(name: str) -> Callable[[type[Experts]], type[Experts]]:
     """Class decorator that registers an expert type under ``name``."""
-
-    def deco(cls: type[Experts]) -> type[Experts]:
-        if name in _EXPERTS and _EXPERTS[name] is not cls:
-            raise ValueError(f"expert type {name!r} is already registered to {_EXPERTS[name].__name__}")
-        _EXPERTS[name] = cls
-        cls.registry_name = name
-        return cls
-
-    return deco
+    return _EXPERTS.register(name)
 
 
 def list_experts() -> list[str]:
     """Names of all registered expert types, sorted."""
-    return sorted(_EXPERTS)
+    return _EXPERTS.names()
 
 
 def get_experts(name: str) -> type[Experts]:
     """The expert type registered under ``name``; ``ValueError`` listing the valid names otherwise."""
-    try:
-        return _EXPERTS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown expert type {name!r}; expected one of {list_experts()}") from None
+    return _EXPERTS.get(name)
 
 
 def build_experts(

@@ -9,37 +9,27 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from smoe.registry import Registry
 from smoe.routing.base import Router
 
 __all__ = ["register_router", "get_router", "list_routers", "build_router", "router_summary"]
 
-_ROUTERS: dict[str, type[Router]] = {}
+_ROUTERS: Registry[type[Router]] = Registry("router")
 
 
 def register_router(name: str) -> Callable[[type[Router]], type[Router]]:
     """Class decorator that registers a router under ``name``."""
-
-    def deco(cls: type[Router]) -> type[Router]:
-        if name in _ROUTERS and _ROUTERS[name] is not cls:
-            raise ValueError(f"router name {name!r} is already registered to {_ROUTERS[name].__name__}")
-        _ROUTERS[name] = cls
-        cls.registry_name = name
-        return cls
-
-    return deco
+    return _ROUTERS.register(name)
 
 
 def list_routers() -> list[str]:
     """Names of all registered routers, sorted."""
-    return sorted(_ROUTERS)
+    return _ROUTERS.names()
 
 
 def get_router(name: str) -> type[Router]:
     """The router class registered under ``name``; ``ValueError`` listing the valid names otherwise."""
-    try:
-        return _ROUTERS[name]
-    except KeyError:
-        raise ValueError(f"unknown router {name!r}; expected one of {list_routers()}") from None
+    return _ROUTERS.get(name)
 
 
 def router_summary(name: str) -> str:

@@ -27,7 +27,6 @@ __all__ = [
     "StudyVariant",
     "NAMED_VARIANTS",
     "DEFAULT_ROUTERS",
-    "TOKEN_ID_ROUTERS",
     "resolve_variants",
     "variant_overrides",
 ]
@@ -71,8 +70,6 @@ DEFAULT_ROUTERS = {
     "lm": ("token_choice", "aux_free", "expert_choice", "usmoe", "sinkhorn", "xmoe", "hash", "random"),
     "vision": ("token_choice", "aux_free", "expert_choice", "usmoe", "soft", "sinkhorn", "xmoe", "random"),
 }
-#: routers that route by input token id, so they apply to language models only
-TOKEN_ID_ROUTERS = ("hash",)
 
 
 def _doc_line(name: str) -> str:
@@ -91,7 +88,8 @@ def resolve_variants(names: list[str] | None, task: str = "lm") -> list[StudyVar
     if names is None:
         names = [n for n in DEFAULT_ROUTERS[task] if n in NAMED_VARIANTS or n in registered]
     for name in names:
-        if task != "lm" and name in TOKEN_ID_ROUTERS:
+        router = NAMED_VARIANTS[name].router if name in NAMED_VARIANTS else name
+        if task != "lm" and router in registered and get_router(router).needs_token_ids:
             raise ValueError(f"router {name!r} routes by input token id; it applies to --task lm only")
     valid = sorted(set(NAMED_VARIANTS) | set(registered))
     seen, out = set(), []

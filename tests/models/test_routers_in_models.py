@@ -8,9 +8,6 @@ import torch
 import smoe
 from smoe.models import build_model
 
-#: routers that route by input token ids; images have none, so the vision model cannot use them
-TOKEN_ID_ROUTERS = {"hash"}
-
 
 @pytest.mark.parametrize("router", smoe.list_routers())
 def test_router_in_causal_lm(router):
@@ -29,7 +26,7 @@ def test_router_in_vmoe(router):
     overrides = {"moe.router": router, "moe.capacity_factor": None, "moe.router_kwargs": {}}
     model = build_model("vit_debug", **overrides)
     images = torch.rand(2, 1, 28, 28)
-    if router in TOKEN_ID_ROUTERS:
+    if smoe.get_router(router).needs_token_ids:  # images have no token ids: the router refuses them
         with pytest.raises(ValueError, match="token"):
             model(images)
         return
