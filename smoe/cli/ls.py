@@ -1,4 +1,5 @@
-"""``smoe ls``: list the registered routers, model presets and datasets (with whether each dataset is installed)."""
+"""``smoe ls``: list the registries: routers, expert types, dispatchers, model presets and datasets (with whether
+each dataset is installed)."""
 
 from __future__ import annotations
 
@@ -7,22 +8,23 @@ import argparse
 EPILOG = """examples:
   smoe ls                 # everything
   smoe ls routers         # registered routing methods
+  smoe ls experts         # expert types (MoE(experts=...)) and dispatchers (MoE(dispatcher=...))
   smoe ls presets         # model presets (task, width, depth, experts)
   smoe ls datasets        # datasets, whether installed, and how to install the missing ones
 """
 
-WHAT = ("routers", "presets", "datasets")
+WHAT = ("routers", "experts", "presets", "datasets")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "ls",
-        help="list routers, presets and datasets",
-        description="List the registries: routers, model presets, datasets.",
+        help="list routers, expert types, presets and datasets",
+        description="List the registries: routers, expert types and dispatchers, model presets, datasets.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("what", nargs="?", choices=WHAT, help="one registry (default: all three)")
+    p.add_argument("what", nargs="?", choices=WHAT, help="one registry (default: all)")
     p.set_defaults(func=run)
     return p
 
@@ -34,6 +36,18 @@ def routers_table() -> list[str]:
     names = list_routers()
     w = max(len(n) for n in names)
     return [f"  {n:<{w}}  {router_summary(n)}" for n in names]
+
+
+def experts_table() -> list[str]:
+    from smoe.engine import get_dispatcher, list_dispatchers  # noqa: PLC0415
+    from smoe.experts import get_experts, list_experts  # noqa: PLC0415
+
+    def first_line(cls) -> str:
+        return (cls.__doc__ or "").strip().splitlines()[0].rstrip(".")
+
+    rows = [f"  {n:<10}  {first_line(get_experts(n))}" for n in list_experts()]
+    rows += [f"  dispatcher {n}: {first_line(get_dispatcher(n))}" for n in list_dispatchers()]
+    return rows
 
 
 def presets_table() -> list[str]:
@@ -67,7 +81,7 @@ def datasets_table() -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    tables = {"routers": routers_table, "presets": presets_table, "datasets": datasets_table}
+    tables = {"routers": routers_table, "experts": experts_table, "presets": presets_table, "datasets": datasets_table}
     for what in [args.what] if args.what else WHAT:
         print(f"{what}:")
         print("\n".join(tables[what]()))

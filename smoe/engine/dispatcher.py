@@ -115,7 +115,7 @@ def build_dispatcher(name: str, **kwargs) -> Dispatcher:
 
 @register_dispatcher("local")
 class LocalDispatcher(Dispatcher):
-    """Dispatch and combine within one process (module docstring); takes the experts' fused op when allowed."""
+    """Dispatch and combine within one process; takes the experts' fused op when allowed (module docstring)."""
 
     def dispatch(self, x_RD: Tensor, plan: RoutingPlan) -> tuple[Tensor, Tensor, object]:
         if isinstance(plan, SparsePlan):

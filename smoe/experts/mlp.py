@@ -167,9 +167,11 @@ class MLPExperts(Experts):
 
 @register_experts("swiglu")
 class SwiGLUExperts(MLPExperts):
-    """SwiGLU experts ``w2 (silu(w1 x + b1) * (w3 x + b3)) + b2`` (Shazeer 2020). Without biases they offer the
-    fused gather -> experts -> combine op of :mod:`smoe.experts.fused_swiglu`, and their seam path runs the same op
-    without the gather and the combine."""
+    """SwiGLU experts ``w2 (silu(w1 x + b1) * (w3 x + b3)) + b2`` (Shazeer 2020; Mixtral, DeepSeek, Qwen-MoE).
+
+    Without biases they offer the fused gather -> experts -> combine op of :mod:`smoe.experts.fused_swiglu`, and
+    their seam path runs the same op without the gather and the combine.
+    """
 
     activation = "swiglu"
 

@@ -188,6 +188,8 @@ class MoE(nn.Module):
 
         # 1. the router
         if isinstance(router, Router):
+            if capacity_factor is not None or router_kwargs:
+                raise ValueError("capacity_factor / router_kwargs apply to routers built by name, not to an instance")
             self.router = router
         elif isinstance(router, str):
             self.router = build_router(
