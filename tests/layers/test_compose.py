@@ -203,7 +203,7 @@ def test_shared_expert_is_added_and_optionally_gated(gated):
         (dict(experts="gelu", expert="relu"), "not both"),
         (dict(experts=smoe.build_experts("gelu", dim=D, hidden_dim=F, num_experts=E), expert_bias=True), "instance"),
         (dict(experts=3), "experts must be"),
-        (dict(router=smoe.build_router("token_choice", dim=D, num_experts=E, top_k=K), capacity_factor=1.0), "instance"),
+        (dict(router=smoe.build_router("token_choice", dim=D, num_experts=E, top_k=K), capacity_factor=1), "instance"),
         (dict(dispatcher="carrier_pigeon"), "carrier_pigeon"),
         (dict(dispatcher=object()), "dispatcher must be"),
         (dict(shared_expert_gate=True), "needs a shared expert"),
