@@ -3,6 +3,7 @@ never computes an expert: the experts (:mod:`smoe.experts`) run themselves on th
 
 * :mod:`~smoe.engine.dispatcher` -- ``dispatch(x, plan) -> (x_ND, counts_E, state)`` / ``combine(y_ND, state)``,
   the seam between moving tokens and computing experts; :class:`LocalDispatcher` within one process;
+* :mod:`~smoe.engine.all_to_all` -- expert parallelism: experts sharded over a process group;
 * :mod:`~smoe.engine.reference` -- the specification: per-expert loops over the plan;
 * :mod:`~smoe.engine.backend` -- the backend name that picks between them (and allows the fused path);
 * :func:`run_plan` -- what the MoE layer calls.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from smoe.engine.all_to_all import AllToAllDispatcher, shard_expert_state
 from smoe.engine.backend import BACKENDS, EnginePath, get_backend, resolve_backend, set_backend, use_backend
 from smoe.engine.dispatcher import (
     Dispatcher,
@@ -36,6 +38,8 @@ __all__ = [
     "resolve_backend",
     "Dispatcher",
     "LocalDispatcher",
+    "AllToAllDispatcher",
+    "shard_expert_state",
     "register_dispatcher",
     "get_dispatcher",
     "list_dispatchers",
@@ -75,6 +79,11 @@ def run_plan(
     if not isinstance(plan, SparsePlan | DensePlan):
         raise TypeError(f"plan must be a SparsePlan or DensePlan, got {type(plan).__name__}")
     if path.reference:
+        if dispatcher is not None and not dispatcher.local:
+            raise ValueError(
+                f"backend='reference' runs every expert in this process; the dispatcher {dispatcher!r} shards them "
+                "(use backend='auto' or 'unfused')"
+            )
         run = run_sparse_reference if isinstance(plan, SparsePlan) else run_dense_reference
         return run(x_RD, plan, experts)
     return (dispatcher or _LOCAL).run(x_RD, plan, experts, kernel=path.kernel, fuse=path.fuse)

@@ -17,8 +17,9 @@ any trailing shape (``(N, *out)``: an image decoder as an expert); combine works
 :class:`LocalDispatcher` does this inside one process. When the experts offer a fused gather -> experts -> combine
 op (``experts.can_fuse``; the default SwiGLU experts do) and the backend allows it, its :meth:`~Dispatcher.run`
 takes that op instead of the three steps: an optimisation of the local case only, checked equal to the seam on
-outputs and every gradient. A dispatcher that moves rows between processes (expert parallelism) implements
-``dispatch`` and ``combine`` with its exchanges and inherits the un-fused ``run``.
+outputs and every gradient. A dispatcher that moves rows between processes (expert parallelism,
+:mod:`smoe.engine.all_to_all`) implements ``dispatch`` and ``combine`` with its exchanges, says how many experts
+this process holds (``num_local_experts``), and inherits the un-fused ``run``.
 
 Dispatchers are registered by name (``register_dispatcher`` / ``get_dispatcher`` / ``list_dispatchers``), so that
 ``smoe.MoE(..., dispatcher="local")`` can name one.
@@ -72,6 +73,20 @@ class Dispatcher:
 
     #: registry name (set by :func:`register_dispatcher`)
     registry_name: ClassVar[str | None] = None
+    #: whether every expert lives in this process (the reference engine and the fused op need that)
+    local: ClassVar[bool] = False
+
+    def num_local_experts(self, num_experts: int) -> int:
+        """How many of the ``num_experts`` experts this process holds (all of them unless experts are sharded)."""
+        return num_experts
+
+    def first_local_expert(self, num_experts: int) -> int:
+        """The global index of this process's first expert."""
+        return 0
+
+    def reduce_counts(self, counts_E: Tensor) -> Tensor:
+        """Per-expert counts summed over the processes that route into these experts (here: this one)."""
+        return counts_E
 
     def dispatch(self, x_RD: Tensor, plan: RoutingPlan) -> tuple[Tensor, Tensor, object]:  # pragma: no cover
         """Rows grouped by expert for ``plan``: ``(x_ND, counts_E, state)``."""
@@ -116,6 +131,8 @@ def build_dispatcher(name: str, **kwargs) -> Dispatcher:
 @register_dispatcher("local")
 class LocalDispatcher(Dispatcher):
     """Dispatch and combine within one process; takes the experts' fused op when allowed (module docstring)."""
+
+    local = True
 
     def dispatch(self, x_RD: Tensor, plan: RoutingPlan) -> tuple[Tensor, Tensor, object]:
         if isinstance(plan, SparsePlan):

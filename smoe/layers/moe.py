@@ -61,6 +61,9 @@ class MoEAux:
         losses: unweighted losses by name.
         stats: routing statistics (tensors): ``tokens_per_expert`` ``(E,)``, ``drop_rate``, ``unrouted_fraction``,
             ``router_entropy`` (mean per-token entropy of the router probabilities, nats), ``tokens_processed``.
+            With a dispatcher that shards the experts over processes, ``tokens_per_expert`` is summed over them
+            (the experts' real load) and ``tokens_per_expert_local`` is this process's share; the others are
+            this process's.
         plan: the routing plan of this call.
         probs_TE: ``(T, E)`` router probabilities in routing order (differentiable), or ``None`` when the router
             gives none.
@@ -186,7 +189,7 @@ class MoE(nn.Module):
         self.backend, self.check_inputs = backend, check_inputs
         dd = {"device": device, "dtype": dtype}
 
-        # 1. the router
+        # 1. the router (it routes over all experts)
         if isinstance(router, Router):
             if capacity_factor is not None or router_kwargs:
                 raise ValueError("capacity_factor / router_kwargs apply to routers built by name, not to an instance")
@@ -206,7 +209,15 @@ class MoE(nn.Module):
         if self.router.num_experts != num_experts:
             raise ValueError(f"router has num_experts={self.router.num_experts}, the layer {num_experts}")
 
-        # 2. the experts
+        # 2. the dispatcher (before the experts: it says how many of them live in this process)
+        if isinstance(dispatcher, str):
+            dispatcher = build_dispatcher(dispatcher)
+        if not isinstance(dispatcher, Dispatcher):
+            raise ValueError(f"dispatcher must be a registered name or a Dispatcher, got {type(dispatcher).__name__}")
+        self.dispatcher = dispatcher
+        local_experts = dispatcher.num_local_experts(num_experts)
+
+        # 3. the experts (the local ones, when the dispatcher shards them)
         if experts is not None and expert is not None:
             raise ValueError(f"give experts= or its older spelling expert=, not both (got {experts!r} and {expert!r})")
         if isinstance(experts, Experts):
@@ -218,24 +229,18 @@ class MoE(nn.Module):
                 experts or expert or "swiglu",
                 dim=dim,
                 hidden_dim=hidden_dim,
-                num_experts=num_experts,
+                num_experts=local_experts,
                 bias=expert_bias,
                 **dd,
                 **(expert_kwargs or {}),
             )
         else:
             raise ValueError(f"experts must be a registered name or an Experts instance, got {type(experts).__name__}")
-        if self.experts.num_experts != num_experts:
-            raise ValueError(f"experts hold num_experts={self.experts.num_experts}, the layer {num_experts}")
+        if self.experts.num_experts != local_experts:
+            where = "" if local_experts == num_experts else f" ({local_experts} of {num_experts} in this process)"
+            raise ValueError(f"experts hold num_experts={self.experts.num_experts}, the layer {local_experts}{where}")
         if self.experts.dim is not None and self.experts.dim != dim:
             raise ValueError(f"experts take rows of width {self.experts.dim}, the layer has dim={dim}")
-
-        # 3. the dispatcher
-        if isinstance(dispatcher, str):
-            dispatcher = build_dispatcher(dispatcher)
-        if not isinstance(dispatcher, Dispatcher):
-            raise ValueError(f"dispatcher must be a registered name or a Dispatcher, got {type(dispatcher).__name__}")
-        self.dispatcher = dispatcher
 
         # 4. the shared expert (always on), optionally gated
         if shared_expert_hidden_dim:
@@ -408,6 +413,9 @@ class MoE(nn.Module):
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
             y = y + shared
         stats = _routing_stats(routed.plan, routed.probs_TE, x_TD.shape[0])
+        if not self.dispatcher.local:  # the experts' load comes from every rank's tokens
+            stats["tokens_per_expert_local"] = stats["tokens_per_expert"]
+            stats["tokens_per_expert"] = self.dispatcher.reduce_counts(stats["tokens_per_expert"])
         stats.update(routed.stats)
         for name, value in routed.losses.items():
             stats[f"loss_{name}"] = value.detach()

@@ -59,6 +59,9 @@ class GatedRouter(Router):
             ``nn.Linear``'s default.
         gate_hidden_dims: hidden widths of an MLP gate; empty (default) for the linear gate.
         gate_bias: a bias on the linear gate (MLP gates always have biases).
+        balance_loss_scope: ``"group"`` (per routing group, the default) or ``"global"`` (over every token of the
+            call and every rank of the default process group: Megatron-Core's global auxiliary loss, for expert
+            or data parallelism; :func:`~smoe.routing.losses.switch_balance_loss`).
     """
 
     def __init__(
@@ -75,6 +78,7 @@ class GatedRouter(Router):
         gate_init_std: float = 0.02,
         gate_hidden_dims: tuple[int, ...] = (),
         gate_bias: bool = False,
+        balance_loss_scope: str = "group",
         device=None,
         dtype=None,
     ) -> None:
@@ -82,6 +86,9 @@ class GatedRouter(Router):
         hidden = tuple(gate_hidden_dims)
         if any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
             raise ValueError(f"gate_hidden_dims must be positive integers, got {gate_hidden_dims!r}")
+        if balance_loss_scope not in ("group", "global"):
+            raise ValueError(f"balance_loss_scope must be 'group' or 'global', got {balance_loss_scope!r}")
+        self.balance_loss_scope = balance_loss_scope
         self.capacity_factor = capacity_factor
         self.balance_loss_weight = balance_loss_weight
         self.z_loss_weight = z_loss_weight
@@ -113,7 +120,7 @@ class GatedRouter(Router):
         losses: dict[str, Tensor] = {}
         total = logits_GSE.new_zeros(())
         if self.balance_loss_weight and expert_idx_GSK is not None:
-            losses["balance"] = switch_balance_loss(probs_GSE, expert_idx_GSK)
+            losses["balance"] = switch_balance_loss(probs_GSE, expert_idx_GSK, scope=self.balance_loss_scope)
             total = total + self.balance_loss_weight * losses["balance"]
         if self.z_loss_weight:
             losses["z"] = router_z_loss(logits_GSE)

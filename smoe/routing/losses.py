@@ -10,24 +10,35 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ["switch_balance_loss", "router_z_loss", "importance_loss", "load_loss", "cv_squared"]
 
 
-def switch_balance_loss(probs_GSE: Tensor, expert_idx_GSK: Tensor) -> Tensor:
+def switch_balance_loss(
+    probs_GSE: Tensor, expert_idx_GSK: Tensor, *, scope: str = "group", process_group=None
+) -> Tensor:
     """Switch Transformer load-balancing loss ``E * sum_i f_i * P_i`` (Fedus et al. 2021, eq. 4; GShard l_aux).
 
-    ``f_i`` is the fraction of the group's ``S*K`` assignments that chose expert ``i`` (before capacity dropping;
+    ``f_i`` is the fraction of the ``S*K`` assignments that chose expert ``i`` (before capacity dropping;
     Megatron-Core's normalisation by ``S*K``, so that the loss is 1 at perfect balance for every ``K``), ``P_i`` the
     mean router probability of expert ``i``. Gradients flow through ``P`` only.
+
+    ``scope="group"`` (default) computes the loss per routing group and averages over groups. ``scope="global"``
+    takes ``f`` over every assignment of the call and, when ``torch.distributed`` is initialised, over every rank of
+    ``process_group`` (counts summed with ``all_reduce``), with ``P`` over this rank's tokens: Megatron-Core's
+    "global" auxiliary loss. With equal token counts per rank, the mean of the ranks' losses (what data-parallel
+    gradient averaging differentiates) is then the loss of one process holding all the ranks' tokens.
 
     Args:
         probs_GSE: ``(G, S, E)`` router probabilities.
         expert_idx_GSK: ``(G, S, K)`` selected experts.
+        scope: ``"group"`` or ``"global"``.
+        process_group: the ranks ``"global"`` reduces over (``None``: the default group).
 
     Returns:
-        Scalar loss, averaged over groups; 1.0 when routing is uniform.
+        Scalar loss; 1.0 when routing is uniform.
     """
     G, S, E = probs_GSE.shape
     K = expert_idx_GSK.shape[-1]
@@ -35,9 +46,18 @@ def switch_balance_loss(probs_GSE: Tensor, expert_idx_GSK: Tensor) -> Tensor:
     counts_GE.scatter_add_(
         1, expert_idx_GSK.reshape(G, S * K), torch.ones_like(expert_idx_GSK, dtype=probs_GSE.dtype).reshape(G, S * K)
     )
-    f_GE = counts_GE / (S * K)
-    P_GE = probs_GSE.mean(dim=1)
-    return (E * (f_GE * P_GE).sum(dim=-1)).mean()
+    if scope == "group":
+        f_GE = counts_GE / (S * K)
+        P_GE = probs_GSE.mean(dim=1)
+        return (E * (f_GE * P_GE).sum(dim=-1)).mean()
+    if scope != "global":
+        raise ValueError(f"balance loss scope must be 'group' or 'global', got {scope!r}")
+    counts_E1 = torch.cat([counts_GE.sum(dim=0), counts_GE.new_full((1,), G * S * K)])  # counts and their total
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts_E1, group=process_group)
+    f_E = counts_E1[:E] / counts_E1[E]
+    P_E = probs_GSE.mean(dim=(0, 1))
+    return E * (f_E * P_E).sum()
 
 
 def router_z_loss(logits_GSE: Tensor) -> Tensor:

@@ -63,3 +63,15 @@ def test_balance_loss_gradient_flows_through_probabilities_only():
     loss = switch_balance_loss(probs, probs.topk(2, -1).indices)
     (g,) = torch.autograd.grad(loss, logits)
     assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_switch_balance_loss_global_scope_pools_the_groups():
+    # two groups of two tokens, E = 2, K = 1. Group 0 sends both tokens to expert 0, group 1 both to expert 1.
+    probs = torch.tensor([[[0.9, 0.1], [0.7, 0.3]], [[0.2, 0.8], [0.4, 0.6]]])
+    idx = torch.tensor([[[0], [0]], [[1], [1]]])
+    # per group: f = (1, 0), P = (0.8, 0.2) -> 2 * 0.8 = 1.6; f = (0, 1), P = (0.3, 0.7) -> 2 * 0.7 = 1.4; mean 1.5
+    assert switch_balance_loss(probs, idx).item() == pytest.approx(1.5)
+    # pooled (no process group here): f = (0.5, 0.5), P = (0.55, 0.45) -> 2 * (0.275 + 0.225) = 1.0
+    assert switch_balance_loss(probs, idx, scope="global").item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="scope"):
+        switch_balance_loss(probs, idx, scope="world")
