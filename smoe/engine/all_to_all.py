@@ -40,22 +40,36 @@ from smoe.routing.plan import DensePlan, RoutingPlan, SparsePlan
 __all__ = ["AllToAllDispatcher", "AllToAllState", "shard_expert_state"]
 
 
+def _collective(what: str, group, fn, *args, **kwargs) -> None:
+    """Run one collective; a failure (a peer that exited, raised, or missed the process-group timeout) becomes an
+    error that names this rank and the exchange, instead of a bare transport message."""
+    try:
+        fn(*args, group=group, **kwargs)
+    except (RuntimeError, dist.DistError) as e:
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        raise RuntimeError(
+            f"expert parallelism: rank {rank} of {size}: the {what} failed; another rank of the group exited, raised "
+            f"or did not reach it within the process-group timeout (its own log says why). Transport: {e}"
+        ) from e
+
+
 class _AllToAll(torch.autograd.Function):
     """``all_to_all_single`` with variable splits; the backward is the reverse exchange."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, output_splits: list[int], input_splits: list[int], group) -> Tensor:
-        ctx.splits, ctx.group = (output_splits, input_splits), group
+    def forward(ctx, x: Tensor, output_splits: list[int], input_splits: list[int], group, what: str) -> Tensor:
+        ctx.splits, ctx.group, ctx.what = (output_splits, input_splits), group, what
         out = x.new_empty((sum(output_splits), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+        _collective(what, group, dist.all_to_all_single, out, x.contiguous(), output_splits, input_splits)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         output_splits, input_splits = ctx.splits
         out = grad.new_empty((sum(input_splits), *grad.shape[1:]))
-        dist.all_to_all_single(out, grad.contiguous(), input_splits, output_splits, group=ctx.group)
-        return out, None, None, None
+        what = f"backward of the {ctx.what}"
+        _collective(what, ctx.group, dist.all_to_all_single, out, grad.contiguous(), input_splits, output_splits)
+        return out, None, None, None, None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,10 +114,24 @@ class AllToAllDispatcher(Dispatcher):
     def first_local_expert(self, num_experts: int) -> int:
         return self.rank * self.num_local_experts(num_experts)
 
+    def check_layer(self, layer) -> None:
+        """Every rank must have built the same layer: same router with the same options, same expert type and
+        sizes, same grouping. A mismatch is a ``ValueError`` at start-up naming the ranks that differ, instead of a
+        wrong result or a hang in the first exchange."""
+        fingerprint = _fingerprint(layer)
+        everyone: list = [None] * self.size
+        _collective("all_gather of the layer configurations", self.group, dist.all_gather_object, everyone, fingerprint)
+        differ = [r for r, f in enumerate(everyone) if f != everyone[0]]
+        if differ:
+            raise ValueError(
+                f"expert parallelism: rank {self.rank}: ranks {differ} built a different MoE layer than rank 0 "
+                f"(rank 0: {everyone[0]}; rank {differ[0]}: {everyone[differ[0]]})"
+            )
+
     def reduce_counts(self, counts_E: Tensor) -> Tensor:
         """``counts_E`` summed over the group (``all_reduce``): the load every rank's tokens put on each expert."""
         total = counts_E.detach().clone()
-        dist.all_reduce(total, group=self.group)
+        _collective("all_reduce of the experts' loads", self.group, dist.all_reduce, total)
         return total
 
     def dispatch(self, x_RD: Tensor, plan: RoutingPlan) -> tuple[Tensor, Tensor, AllToAllState]:
@@ -118,9 +146,10 @@ class AllToAllDispatcher(Dispatcher):
         x_ND = gather_rows(x_RD, plan.gather_idx_N)  # sorted by global expert: contiguous per destination rank
         send_PE = plan.counts_E.view(P, E_l).contiguous()
         recv_PE = torch.empty_like(send_PE)
-        dist.all_to_all_single(recv_PE, send_PE, group=self.group)  # rows of each local expert, from each rank
+        # rows of each local expert, from each rank
+        _collective("all_to_all of the row counts", self.group, dist.all_to_all_single, recv_PE, send_PE)
         send_splits, recv_splits = send_PE.sum(1).tolist(), recv_PE.sum(1).tolist()
-        recv_MD = _AllToAll.apply(x_ND, recv_splits, send_splits, self.group)
+        recv_MD = _AllToAll.apply(x_ND, recv_splits, send_splits, self.group, "all_to_all of the rows (dispatch)")
         # arrived grouped by (source rank, local expert): regroup expert-major, keeping the sources in rank order
         local_M = torch.repeat_interleave(
             torch.arange(E_l, device=x_RD.device).repeat(P), recv_PE.reshape(-1), output_size=recv_MD.shape[0]
@@ -136,12 +165,31 @@ class AllToAllDispatcher(Dispatcher):
         plan = state.plan
         # back to arrival order (the inverse permutation), then each row home to the rank it came from
         back_MO = y_MO.reshape(y_MO.shape[0], -1).index_select(0, torch.argsort(state.order_M))
-        y_NO = _AllToAll.apply(back_MO, state.send_splits, state.recv_splits, self.group)
+        y_NO = _AllToAll.apply(back_MO, state.send_splits, state.recv_splits, self.group, "all_to_all back (combine)")
         y_TO = scatter_add_weighted(y_NO, plan.weight_N.to(y_NO.dtype), plan.token_idx_N, plan.num_tokens)
         return y_TO.view(plan.num_tokens, *out_shape)
 
     def __repr__(self) -> str:
         return f"AllToAllDispatcher(rank={self.rank}, size={self.size})"
+
+
+def _options(module) -> dict:
+    """A module's plain options (numbers, strings, flags, tuples), for comparing configurations across ranks."""
+    return {
+        k: v
+        for k, v in sorted(vars(module).items())
+        if not k.startswith("_") and k != "training" and isinstance(v, int | float | str | bool | tuple | type(None))
+    }
+
+
+def _fingerprint(layer) -> str:
+    parts = {
+        "layer": _options(layer),
+        "router": (type(layer.router).__name__, _options(layer.router)),
+        "experts": (type(layer.experts).__name__, layer.experts.num_experts, _options(layer.experts)),
+        "parameters": [(n, tuple(p.shape)) for n, p in layer.named_parameters()],
+    }
+    return repr(parts)
 
 
 _STACKED = re.compile(r"(^|\.)experts\.(w|b)\d_[A-Z]+$")

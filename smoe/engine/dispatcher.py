@@ -84,6 +84,10 @@ class Dispatcher:
         """The global index of this process's first expert."""
         return 0
 
+    def check_layer(self, layer) -> None:
+        """Called once by the MoE layer that uses this dispatcher, after it is built (multi-process dispatchers
+        check there that every process built the same layer)."""
+
     def reduce_counts(self, counts_E: Tensor) -> Tensor:
         """Per-expert counts summed over the processes that route into these experts (here: this one)."""
         return counts_E

@@ -257,6 +257,7 @@ class MoE(nn.Module):
         self._eval_capacity: tuple[float | None, bool | None] | None = None
         self._train_capacity: tuple[float | None, bool | None] | None = None
         self.check_causal_safety()
+        self.dispatcher.check_layer(self)
 
     # -- causal safety ----------------------------------------------------------------------------------------
 
