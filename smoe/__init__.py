@@ -12,6 +12,7 @@ torch.Size([4, 16, 64])
 
 from smoe.engine import (
     BACKENDS,
+    AllToAllDispatcher,
     Dispatcher,
     LocalDispatcher,
     get_backend,
@@ -70,6 +71,7 @@ __all__ = [
     "MLP",
     "Dispatcher",
     "LocalDispatcher",
+    "AllToAllDispatcher",
     "register_dispatcher",
     "get_dispatcher",
     "list_dispatchers",

@@ -6,6 +6,8 @@ in a unit test (``benchmarks/README.md`` holds the figures and the commands).
 
 import importlib.util
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -68,3 +70,14 @@ def test_ratio_cells_parse_with_and_without_the_slow_marker():
     assert _ratio("1.30*") == 1.30 and _ratio("0.97") == 0.97
     with pytest.raises(ValueError):
         _ratio("-")
+
+
+@pytest.mark.slow
+def test_expert_parallel_benchmark_quick():
+    # a script of its own (its spawned workers import it by module name), with a bounded wait
+    script = BENCH / "bench_expert_parallel.py"
+    done = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = _table_rows(done.stdout, "8")
+    assert [r[1] for r in rows] == ["1", "2"]  # one process, then two expert-parallel processes
+    assert float(rows[0][5]) == 0.0 and float(rows[1][5]) > 0  # only the two-process run exchanges rows
