@@ -118,15 +118,29 @@ def _worker(rank: int, init_file: str, out_dir: str, cases: list[str]) -> None:
         dist.destroy_process_group()
 
 
-def run_world(fn, args: tuple, timeout_s: float = 240.0) -> None:
-    """Spawn ``WORLD`` processes running ``fn(rank, *args)``; fail (and kill them) if they take longer."""
-    ctx = mp.start_processes(fn, args=args, nprocs=WORLD, join=False, start_method="spawn")
+def run_ranks(target, args: tuple, timeout_s: float) -> list[int | None]:
+    """Start one process per rank (``target(rank, *args)``) and wait at most ``timeout_s`` in all; returns the exit
+    codes (``None`` for a rank still running at the deadline, which is then killed)."""
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=(r, *args)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
     deadline = time.monotonic() + timeout_s
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"the {WORLD}-process world did not finish within {timeout_s:.0f} s")
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    codes = [p.exitcode for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    return codes
+
+
+def run_world(fn, args: tuple, timeout_s: float = 240.0) -> None:
+    """Run ``fn(rank, *args)`` on every rank (:func:`run_ranks`); fail unless every rank ends cleanly in time."""
+    codes = run_ranks(fn, args, timeout_s)
+    if codes != [0] * WORLD:
+        pytest.fail(f"the {WORLD}-process world ended with exit codes {codes} (None: running at {timeout_s:.0f} s)")
 
 
 @pytest.fixture(scope="module")
@@ -209,24 +223,6 @@ def test_dense_plans_are_refused_with_a_clear_error(tmp_path):
     run_world(_dense_worker, (str(tmp_path / "init"), str(tmp_path)))
     for r in range(WORLD):
         assert "dense (Soft MoE) plan" in (tmp_path / f"rank{r}.txt").read_text()
-
-
-def run_ranks(target, args: tuple, timeout_s: float) -> list[int | None]:
-    """Start one process per rank (``target(rank, *args)``) and wait at most ``timeout_s`` in all; returns the exit
-    codes (``None`` for a rank still running at the deadline, which is then killed)."""
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=target, args=(r, *args)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout_s
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    codes = [p.exitcode for p in procs]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    return codes
 
 
 def _fault_worker(rank: int, init_file: str, out_dir: str, fault: str) -> None:
