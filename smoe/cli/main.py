@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     prog = f"smoe {args.command}"
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a command that relaunches itself passes on
     try:
         return int(args.func(args) or 0)
     except CLIError as e:

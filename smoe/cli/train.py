@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
-from smoe.cli.common import add_run_flags, default_out_dir, non_negative_int, run_overrides
+from smoe.cli.common import (
+    add_run_flags,
+    default_out_dir,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    run_overrides,
+)
 
 EPILOG = """examples:
   smoe train --preset lm_small --out runs/lm                       # Shakespeare, byte-level, default budget
@@ -15,6 +25,9 @@ EPILOG = """examples:
   smoe train --preset lm_small --data notes.txt --tokenizer bpe    # your own text file, BPE trained offline
   smoe train --preset vit_small --dataset fashion_mnist --steps 300
   smoe train --out runs/lm --resume                                # continue a killed run exactly
+  smoe train --preset lm_small --expert-parallel 2 --out runs/ep   # experts sharded over 2 processes
+  torchrun --nproc-per-node 4 -m smoe train --expert-parallel 2 ...  # 2 expert groups of 2 ranks (DDP over 4)
+  smoe train --out runs/ep --resume --nproc 1                      # resume a 2-process run in one process
 """
 
 
@@ -31,6 +44,27 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=non_negative_int, help="evaluate every N steps (train.eval_every; 0 = end)")
     p.add_argument("--ckpt-every", type=non_negative_int, help="checkpoint every N steps (train.ckpt_every; 0 = end)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    p.add_argument(
+        "--expert-parallel",
+        type=positive_int,
+        default=1,
+        metavar="P",
+        help="shard the experts over groups of P processes (all-to-all); the rest is replicated with DDP",
+    )
+    p.add_argument(
+        "--nproc",
+        type=positive_int,
+        metavar="N",
+        help="processes to launch with torchrun on this machine (default: P of --expert-parallel); under torchrun "
+        "its own --nproc-per-node decides",
+    )
+    p.add_argument(
+        "--dist-timeout",
+        type=positive_float,
+        default=300.0,
+        metavar="SECONDS",
+        help="process-group timeout: a rank that stops answering ends the others with an error after this long",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -45,25 +79,79 @@ def train_overrides(args: argparse.Namespace) -> dict[str, str]:
     return overrides
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def launch(args: argparse.Namespace, nproc: int, out: pathlib.Path) -> int:
+    """Run this same command in ``nproc`` processes under torchrun (one machine); returns its exit status."""
+    argv = _without_nproc(args.argv)
+    if not args.out:  # every rank must write into the same folder
+        argv += ["--out", str(out)]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    cmd += ["-m", "smoe", *argv]
+    print(
+        f"smoe train: launching {nproc} processes: torchrun --standalone --nproc-per-node={nproc} -m smoe "
+        + " ".join(argv),
+        flush=True,
+    )
+    return subprocess.call(cmd, env=env)
+
+
 def run(args: argparse.Namespace) -> int:
-    from smoe.train.run import resolve_run_config, train_run  # noqa: PLC0415 - keep `smoe --help` fast
+    from smoe.train.parallel import init_parallel, launched_by_torchrun  # noqa: PLC0415 - keep `smoe --help` fast
+    from smoe.train.run import resolve_run_config, train_run  # noqa: PLC0415
 
     if args.resume and not args.out:
         raise ValueError("--resume needs --out DIR, the folder of the run to continue")
     out = pathlib.Path(args.out) if args.out else default_out_dir("train")
     overrides = train_overrides(args)
+    nproc = args.nproc if args.nproc is not None else args.expert_parallel
+    if not launched_by_torchrun():
+        if nproc % args.expert_parallel:
+            raise ValueError(f"--expert-parallel {args.expert_parallel} must divide --nproc {nproc}")
+        if not args.resume and (out / "config.json").exists():
+            raise ValueError(f"{str(out)!r} already holds a run; pass --resume to continue it or choose another --out")
+        if nproc > 1:
+            return launch(args, nproc, out)
+    parallel = init_parallel(args.expert_parallel, timeout_s=args.dist_timeout)
+    if parallel.distributed and not args.out:
+        raise ValueError("a run on several processes needs --out DIR (every rank writes into the same folder)")
     if args.resume:
-        if overrides or args.preset != "lm_small":
+        if (overrides or args.preset != "lm_small") and parallel.is_main:
             print("smoe train: --resume continues the saved run; its config.json wins over other flags")
-        result = train_run(None, out, resume=True, progress=not args.no_progress)  # type: ignore[arg-type]
+        result = train_run(
+            None,
+            out,
+            resume=True,
+            progress=not args.no_progress,
+            parallel=parallel,  # type: ignore[arg-type]
+        )
     else:
-        if (out / "config.json").exists():
+        exists = (out / "config.json").exists()
+        parallel.barrier()  # every rank has looked before rank 0 writes config.json
+        if exists:
             raise ValueError(f"{str(out)!r} already holds a run; pass --resume to continue it or choose another --out")
         run_cfg = resolve_run_config(args.preset, overrides)
-        result = train_run(run_cfg, out, progress=not args.no_progress)
-    result.pop("history", None)
-    print(_summary(result))
-    print(f"run folder: {out}")
+        result = train_run(run_cfg, out, progress=not args.no_progress, parallel=parallel)
+    if parallel.distributed:  # (after a failed exchange the process just exits: its group cannot shut down cleanly)
+        import torch.distributed as dist  # noqa: PLC0415
+
+        dist.destroy_process_group()
+    if parallel.is_main:
+        result.pop("history", None)
+        print(_summary(result))
+        print(f"run folder: {out}")
     return 0
 
 

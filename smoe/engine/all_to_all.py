@@ -26,6 +26,7 @@ experts, ``P`` ranks, ``E`` experts in all, ``E_l`` local experts.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -164,7 +165,7 @@ class AllToAllDispatcher(Dispatcher):
         out_shape = tuple(y_MO.shape[1:])
         plan = state.plan
         # back to arrival order (the inverse permutation), then each row home to the rank it came from
-        back_MO = y_MO.reshape(y_MO.shape[0], -1).index_select(0, torch.argsort(state.order_M))
+        back_MO = y_MO.reshape(y_MO.shape[0], math.prod(out_shape)).index_select(0, torch.argsort(state.order_M))
         y_NO = _AllToAll.apply(back_MO, state.send_splits, state.recv_splits, self.group, "all_to_all back (combine)")
         y_TO = scatter_add_weighted(y_NO, plan.weight_N.to(y_NO.dtype), plan.token_idx_N, plan.num_tokens)
         return y_TO.view(plan.num_tokens, *out_shape)
@@ -200,11 +201,15 @@ def shard_expert_state(state_dict: dict[str, Tensor], num_experts: int, first: i
     """The part of a one-process state dict that an expert-parallel rank holds: experts ``[first, first+count)``.
 
     Stacked expert tensors (``experts.w1_EFD``, ...) are sliced along their expert axis; module experts
-    (``experts.{e}.*``) are kept for ``e`` in range and renumbered from 0; every other entry is replicated.
+    (``experts.{e}.*``) are kept for ``e`` in range and renumbered from 0; every other entry is replicated (a
+    0-d entry under a stacked name, such as an optimizer's step count of the stack, too).
     """
     out = {}
     for key, value in state_dict.items():
         if _STACKED.search(key):
+            if value.dim() == 0:  # one number for the whole stack (an optimizer's step count): every rank's
+                out[key] = value
+                continue
             if value.shape[0] != num_experts:
                 raise ValueError(f"{key} has {value.shape[0]} experts, expected {num_experts}")
             out[key] = value[first : first + count].clone()

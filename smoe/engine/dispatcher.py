@@ -30,6 +30,7 @@ Shape legend: ``R`` input rows, ``T`` output tokens, ``N`` rows grouped by exper
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -153,7 +154,10 @@ class LocalDispatcher(Dispatcher):
         if isinstance(state, SparseDispatchState):
             plan = state.plan
             y_TO = scatter_add_weighted(
-                y_ND.reshape(y_ND.shape[0], -1), plan.weight_N.to(y_ND.dtype), plan.token_idx_N, plan.num_tokens
+                y_ND.reshape(y_ND.shape[0], math.prod(y_ND.shape[1:])),
+                plan.weight_N.to(y_ND.dtype),
+                plan.token_idx_N,
+                plan.num_tokens,
             )
             return y_TO.view(plan.num_tokens, *out_shape)
         if isinstance(state, DenseDispatchState):

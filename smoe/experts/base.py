@@ -76,6 +76,18 @@ class Experts(nn.Module):
         """``y[t] = sum_{rows n of token t} weight[n] * f_{expert[n]}(x[source[n]])`` in one op (``can_fuse``)."""
         raise NotImplementedError(f"{type(self).__name__} offers no fused path (can_fuse is False)")
 
+    def shard(self, first: int, count: int) -> Experts:
+        """Experts ``[first, first + count)`` as a new module of the same type, holding copies of their weights
+        (what an expert-parallel rank keeps of the full layer; :func:`smoe.layers.apply_expert_parallel`)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be sharded over processes (no shard method)")
+
+    def _check_shard(self, first: int, count: int) -> None:
+        for name, value in (("first", first), ("count", count)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        if first < 0 or count < 1 or first + count > self.num_experts:
+            raise ValueError(f"experts [{first}, {first + count}) are not a range of the {self.num_experts} experts")
+
     def flops_per_row(self) -> float:
         """Forward FLOPs one expert spends on one row (multiply-adds of its matrix products count 2), for the
         parameter and FLOP accounting of :mod:`smoe.models.accounting`."""

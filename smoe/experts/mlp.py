@@ -124,6 +124,17 @@ class MLPExperts(Experts):
             ws = tuple(None if w is None else w.to(x.dtype) for w in ws)
         return ExpertWeights(*ws)
 
+    def shard(self, first: int, count: int) -> MLPExperts:
+        """Experts ``[first, first + count)``: the same type with ``num_experts=count`` and copies of their slices."""
+        self._check_shard(first, count)
+        ref = self.w1_EFD
+        out = type(self)(self.dim, self.hidden_dim, count, bias=self.bias, device=ref.device, dtype=ref.dtype)
+        with torch.no_grad():
+            for name, p in self.named_parameters(recurse=False):
+                getattr(out, name).copy_(p[first : first + count])
+        out.train(self.training)
+        return out
+
     def expert_forward(self, e: int, x_MD: Tensor) -> Tensor:
         """Reference definition of expert ``e`` on ``(M, D)`` rows -> ``(M, D)``."""
         w = self.weights(x_MD)

@@ -12,6 +12,7 @@ Parameter layout: expert ``e``'s parameters are those of its module under the pr
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -51,6 +52,13 @@ class ModuleExperts(Experts):
 
     def __iter__(self) -> Iterator[nn.Module]:
         return iter(self._modules.values())
+
+    def shard(self, first: int, count: int) -> ModuleExperts:
+        """Experts ``[first, first + count)``, renumbered from 0 (deep copies of their modules)."""
+        self._check_shard(first, count)
+        out = ModuleExperts([copy.deepcopy(self[e]) for e in range(first, first + count)], dim=self.dim)
+        out.train(self.training)
+        return out
 
     def expert_forward(self, e: int, x_MD: Tensor) -> Tensor:
         return self[e](x_MD)

@@ -259,6 +259,25 @@ class MoE(nn.Module):
         self.check_causal_safety()
         self.dispatcher.check_layer(self)
 
+    # -- expert parallelism -----------------------------------------------------------------------------------
+
+    def shard_experts(self, dispatcher: Dispatcher) -> None:
+        """Move this layer (built with all its experts in one process) onto ``dispatcher``, keeping only the
+        experts it places here: the experts ``[first, first + count)`` of the full layer, with their weights.
+
+        This is how a model built as in one process (same seed, same initialisation) is made expert-parallel
+        (:func:`smoe.layers.apply_expert_parallel`); every rank then holds its slice of the one-process experts.
+        """
+        if not isinstance(dispatcher, Dispatcher):
+            raise ValueError(f"dispatcher must be a Dispatcher, got {type(dispatcher).__name__}")
+        if not self.dispatcher.local:
+            raise ValueError(f"this layer's experts are sharded already ({self.dispatcher!r})")
+        count = dispatcher.num_local_experts(self.num_experts)
+        if count != self.num_experts:
+            self.experts = self.experts.shard(dispatcher.first_local_expert(self.num_experts), count)
+        self.dispatcher = dispatcher
+        dispatcher.check_layer(self)
+
     # -- causal safety ----------------------------------------------------------------------------------------
 
     @property

@@ -2,10 +2,19 @@
 
 A checkpoint is a folder ``<run>/checkpoints/step-00000100/`` holding
 
-* ``model.safetensors``: the model's ``state_dict`` (tied weights stored once, via ``safetensors.torch.save_model``);
-* ``optimizer.safetensors``: the optimizer's per-parameter tensors (AdamW moments, step counts) and the RNG states;
-* ``state.json``: everything else as plain JSON: step, optimizer param groups, scheduler state, Python/NumPy RNG
-  states, the trainer's counters.
+* ``model.safetensors``: the model's ``state_dict`` (tied weights stored once);
+* ``optimizer.safetensors``: the optimizer's per-parameter tensors (AdamW moments, step counts) keyed by parameter
+  name (``optim.<parameter>.<key>``), and the RNG states;
+* ``state.json``: everything else as plain JSON: step, optimizer param groups (hyperparameters and parameter
+  names), scheduler state, Python/NumPy RNG states, the trainer's counters, the world it was written by.
+
+Checkpoints do not depend on how many processes wrote them. Model weights and optimizer moments are stored in
+one-process form -- every expert, numbered ``0..E-1`` -- so that a run saved with its experts sharded over ``P``
+ranks resumes with any other ``P`` (``parallel=`` gathers on save and slices on load, see
+:mod:`smoe.train.parallel`; rank 0 writes). Every rank's RNG state is kept; a resume on the same number of ranks
+restores each, on another number rank ``r`` restores the saved rank ``r``'s state when there is one and otherwise
+a state seeded from the run's seed, the step and ``r``. Checkpoints of the first format
+(``smoe-checkpoint-v1``, optimizer state keyed by position) still load in one process.
 
 It is written to a temporary sibling folder and moved into place with one ``os.replace``, so a crash or a kill
 leaves either the previous checkpoints or the complete new one, never a torn one. Loading only parses safetensors
@@ -24,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 __all__ = [
@@ -37,7 +46,8 @@ __all__ = [
     "read_json",
 ]
 
-FORMAT = "smoe-checkpoint-v1"
+FORMAT = "smoe-checkpoint-v2"
+_FORMATS = ("smoe-checkpoint-v1", FORMAT)
 _PREFIX = "step-"
 
 
@@ -92,18 +102,8 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def _split_optimizer_state(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors, scalars = {}, {}
-    for idx, state in sd["state"].items():
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optim.{idx}.{key}"] = value.detach().contiguous()
-            else:
-                scalars[f"{idx}.{key}"] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+def _join_optimizer_state_v1(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """The optimizer state dict of a ``smoe-checkpoint-v1`` file (state keyed by parameter position)."""
     state: dict[int, dict] = {}
     for name, value in tensors.items():
         if name.startswith("optim."):
@@ -113,6 +113,113 @@ def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
         idx, key = name.split(".", 1)
         state.setdefault(int(idx), {})[key] = value
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _parameter_names(model: nn.Module) -> dict[int, str]:
+    """``id(parameter) -> name`` (a tied parameter under its first name)."""
+    return {id(p): n for n, p in model.named_parameters()}
+
+
+def _optimizer_state_by_name(
+    model: nn.Module, optimizer: torch.optim.Optimizer, parallel=None
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """The optimizer's state keyed by parameter name, in one-process form: ``(tensors, meta)`` where tensors are
+    ``optim.<name>.<key>`` and meta holds the param groups' hyperparameters and non-tensor values."""
+    names = _parameter_names(model)
+    per_key: dict[str, dict[str, torch.Tensor]] = {}
+    scalars: dict[str, Any] = {}
+    for p, state in optimizer.state.items():
+        name = names.get(id(p))
+        if name is None:
+            raise ValueError("the optimizer holds a parameter that is not the model's")
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                per_key.setdefault(key, {})[name] = value.detach()
+            else:
+                scalars[f"{name}.{key}"] = value
+    tensors: dict[str, torch.Tensor] = {}
+    keys = sorted(per_key) if parallel is None else sorted(set().union(*parallel.gather_object(sorted(per_key))))
+    for key in keys:
+        by_name = per_key.get(key, {})
+        if parallel is not None:
+            by_name = parallel.global_state(model, by_name)
+        tensors.update({f"optim.{name}.{key}": t.contiguous() for name, t in by_name.items()})
+    # the groups' hyperparameters; which parameter is in which group is the loading optimizer's own business
+    groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _load_optimizer_by_name(
+    model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict, parallel=None
+) -> None:
+    names = _parameter_names(model)
+    saved_groups = meta["param_groups"]
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise ValueError(
+            f"the checkpoint's optimizer has {len(saved_groups)} parameter groups, "
+            f"this one {len(optimizer.param_groups)}"
+        )
+    per_key: dict[str, dict[str, torch.Tensor]] = {}
+    for full, value in tensors.items():
+        if full.startswith("optim."):
+            name, key = full[len("optim.") :].rsplit(".", 1)
+            per_key.setdefault(key, {})[name] = value
+    if parallel is not None:
+        per_key = {key: parallel.local_state(model, by_name) for key, by_name in per_key.items()}
+    state_by_name: dict[str, dict] = {}
+    for key, by_name in per_key.items():
+        for name, value in by_name.items():
+            state_by_name.setdefault(name, {})[key] = value
+    for full, value in meta.get("scalars", {}).items():
+        name, key = full.rsplit(".", 1)
+        state_by_name.setdefault(name, {})[key] = value
+    local = set(names.values())
+    unknown = sorted(set(state_by_name) - local)
+    if unknown:
+        raise ValueError(f"the checkpoint's optimizer state names parameters this model lacks: {unknown[:3]}")
+    state, groups, idx = {}, [], 0
+    for saved, group in zip(saved_groups, optimizer.param_groups):
+        g = {k: v for k, v in saved.items() if k != "params"}
+        g["params"] = []
+        for p in group["params"]:
+            if names[id(p)] in state_by_name:
+                state[idx] = state_by_name[names[id(p)]]
+            g["params"].append(idx)
+            idx += 1
+        groups.append(g)
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _model_state(model: nn.Module, parallel=None) -> dict[str, torch.Tensor]:
+    """The model's state dict in one-process form, each tied tensor once (the first of its names)."""
+    sd = model.state_dict()
+    seen: dict[tuple, str] = {}
+    out = {}
+    for name, t in sd.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        if t.numel() and key in seen:
+            continue
+        seen[key] = name
+        out[name] = t.detach()
+    if parallel is not None:
+        out = parallel.global_state(model, out)
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def _complete_tied(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fill the names of tied tensors that a file stores once (under any of their names)."""
+    sd = model.state_dict()
+    groups: dict[tuple, list[str]] = {}
+    for name, t in sd.items():
+        if t.numel():
+            groups.setdefault((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)), []).append(name)
+    out = dict(tensors)
+    for names in groups.values():
+        present = [n for n in names if n in out]
+        if present and len(names) > 1:
+            for n in names:
+                out.setdefault(n, out[present[0]])
+    return out
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[pathlib.Path]:
@@ -153,6 +260,11 @@ def resolve_checkpoint(path: str | os.PathLike) -> pathlib.Path:
     return latest
 
 
+def _rng_seed(seed: int, step: int, rank: int) -> int:
+    """A training-RNG seed for a rank the checkpoint holds no state for."""
+    return (int(seed) * 1_000_003 + int(step)) * 1_009 + int(rank)
+
+
 def save_checkpoint(
     root: str | os.PathLike,
     step: int,
@@ -162,63 +274,84 @@ def save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     trainer_state: dict | None = None,
     keep: int = 0,
+    parallel=None,
 ) -> pathlib.Path:
     """Write the checkpoint of ``step`` atomically under ``root`` (``<run>/checkpoints``); returns its folder.
 
     Args:
         root: the checkpoints folder.
         step: the optimizer steps taken so far.
-        model, optimizer, scheduler: what to save (optimizer and scheduler optional).
+        model, optimizer, scheduler: what to save (optimizer and scheduler optional). ``model`` is the module
+            itself, not a DDP wrapper around it.
         trainer_state: JSON-able counters of the trainer.
         keep: keep only the newest ``keep`` checkpoints after writing (0 keeps all).
+        parallel: the run's :class:`~smoe.train.parallel.ParallelContext` when it runs on several processes:
+            every rank calls this (sharded experts are gathered), rank 0 writes, all return when it is written.
     """
+    parallel = parallel if parallel is not None and parallel.distributed else None
     root = pathlib.Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{_PREFIX}{step:08d}"
-    tmp = root / f".{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
+    model_tensors = _model_state(model, parallel)
     rng_tensors, rng_meta = _rng_state()
-    extra: dict[str, torch.Tensor] = dict(rng_tensors)
-    state: dict[str, Any] = {"format": FORMAT, "step": int(step), "rng": rng_meta, "trainer": trainer_state or {}}
-    if optimizer is not None:
-        opt_tensors, opt_meta = _split_optimizer_state(optimizer.state_dict())
-        extra.update(opt_tensors)
-        state["optimizer"] = opt_meta
-    if scheduler is not None:
-        state["scheduler"] = scheduler.state_dict()
-    save_file(extra, str(tmp / "optimizer.safetensors"))
-    with open(tmp / "state.json", "w", encoding="utf-8") as f:
-        json.dump(state, f)
-    for name in ("model.safetensors", "optimizer.safetensors", "state.json"):
-        with open(tmp / name, "rb") as f:
-            os.fsync(f.fileno())
-    if final.exists():  # re-saving a step (after a resume): move the old one aside first
-        old = root / f".{final.name}.old-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
-    if keep > 0:
-        for old_ckpt in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old_ckpt)
+    opt_tensors, opt_meta = _optimizer_state_by_name(model, optimizer, parallel) if optimizer is not None else ({}, {})
+    ranks = parallel.gather_object((rng_tensors["rng.torch"], rng_meta)) if parallel is not None else []
+    if parallel is None or parallel.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".{final.name}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        save_file(model_tensors, str(tmp / "model.safetensors"))
+        extra: dict[str, torch.Tensor] = dict(rng_tensors)
+        state: dict[str, Any] = {"format": FORMAT, "step": int(step), "rng": rng_meta, "trainer": trainer_state or {}}
+        state["world"] = parallel.describe() if parallel is not None else {"world_size": 1, "expert_parallel": 1}
+        if ranks:
+            state["rng_ranks"] = [meta for _, meta in ranks[1:]]
+            extra.update({f"rng.torch.rank{r}": t for r, (t, _) in enumerate(ranks) if r})
+        if optimizer is not None:
+            extra.update(opt_tensors)
+            state["optimizer"] = opt_meta
+        if scheduler is not None:
+            state["scheduler"] = scheduler.state_dict()
+        save_file(extra, str(tmp / "optimizer.safetensors"))
+        with open(tmp / "state.json", "w", encoding="utf-8") as f:
+            json.dump(state, f)
+        for name in ("model.safetensors", "optimizer.safetensors", "state.json"):
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        if final.exists():  # re-saving a step (after a resume): move the old one aside first
+            old = root / f".{final.name}.old-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        if keep > 0:
+            for old_ckpt in list_checkpoints(root)[:-keep]:
+                shutil.rmtree(old_ckpt)
+    if parallel is not None:
+        parallel.barrier()  # nobody goes on (or reads it) before it is complete
     return final
 
 
-def load_model_weights(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load ``model.safetensors`` (or any safetensors file of the model's state dict) into ``model``, strictly."""
+def load_model_weights(model: nn.Module, path: str | os.PathLike, *, parallel=None) -> None:
+    """Load ``model.safetensors`` (or any safetensors file of the model's state dict) into ``model``, strictly.
+
+    The file holds the one-process form (every expert); with ``parallel`` (a run on several processes) each rank
+    loads its own experts of it.
+    """
     p = pathlib.Path(path)
     if p.is_dir():
         p = p / "model.safetensors"
-    _load_tensors(p)  # validates the format before anything else; never unpickles
+    tensors = _complete_tied(model, _load_tensors(p))  # validates the format first; never unpickles
+    if parallel is not None and parallel.distributed:
+        tensors = parallel.local_state(model, tensors)
     try:
-        load_model(model, str(p), strict=True)
+        model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"checkpoint {str(p)!r} does not match the model: {first}") from None
+        detail = " ".join(line.strip() for line in str(e).strip().splitlines()[1:3])
+        raise ValueError(f"checkpoint {str(p)!r} does not match the model: {first} {detail}".strip()) from None
 
 
 def load_checkpoint(
@@ -228,29 +361,48 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     restore_rng: bool = True,
+    parallel=None,
 ) -> dict:
     """Restore a checkpoint folder (see :func:`resolve_checkpoint` for what ``path`` may be); returns ``state.json``.
 
-    A plain ``.safetensors`` file restores the model only and returns ``{"step": 0}``.
+    A plain ``.safetensors`` file restores the model only and returns ``{"step": 0}``. With ``parallel`` (a run on
+    several processes, any number of them) every rank calls this and restores its part.
 
     Raises:
         ValueError: not a checkpoint, a corrupt file, or weights that do not fit the model.
     """
+    parallel = parallel if parallel is not None and parallel.distributed else None
     p = resolve_checkpoint(path)
     if p.is_file():
-        load_model_weights(model, p)
+        load_model_weights(model, p, parallel=parallel)
         return {"step": 0}
     state = read_json(p / "state.json", "checkpoint state")
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if not isinstance(state, dict) or state.get("format") not in _FORMATS:
         raise ValueError(f"{str(p)!r} is not an smoe checkpoint (state.json has no format {FORMAT!r})")
-    load_model_weights(model, p / "model.safetensors")
+    load_model_weights(model, p / "model.safetensors", parallel=parallel)
     extra = _load_tensors(p / "optimizer.safetensors")
     if optimizer is not None:
         if "optimizer" not in state:
             raise ValueError(f"checkpoint {str(p)!r} holds no optimizer state")
-        optimizer.load_state_dict(_join_optimizer_state(extra, state["optimizer"]))
+        if state["format"] == FORMAT:
+            _load_optimizer_by_name(model, optimizer, extra, state["optimizer"], parallel)
+        elif parallel is not None:
+            raise ValueError(
+                f"checkpoint {str(p)!r} is of the first format ({state['format']}); resume it in one process "
+                "once to convert it before resuming on several"
+            )
+        else:
+            optimizer.load_state_dict(_join_optimizer_state_v1(extra, state["optimizer"]))
     if scheduler is not None and "scheduler" in state:
         scheduler.load_state_dict(state["scheduler"])
     if restore_rng:
-        _set_rng_state(extra, state["rng"])
+        rank = parallel.rank if parallel is not None else 0
+        saved_world = state.get("world", {}).get("world_size", 1)
+        if rank == 0:
+            _set_rng_state(extra, state["rng"])
+        elif f"rng.torch.rank{rank}" in extra and saved_world == parallel.world_size:
+            _set_rng_state({"rng.torch": extra[f"rng.torch.rank{rank}"]}, state["rng_ranks"][rank - 1])
+        else:  # a rank the checkpoint's world did not have (or another world): a state of its own, deterministic
+            _set_rng_state(extra, state["rng"])
+            torch.manual_seed(_rng_seed(state.get("trainer", {}).get("seed", 0), state["step"], rank))
     return state

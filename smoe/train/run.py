@@ -206,6 +206,7 @@ def train_run(
     progress: bool = True,
     on_step=None,
     desc: str = "train",
+    parallel=None,
 ) -> dict:
     """Train ``run`` into ``run_dir`` (``resume=True`` continues from its newest checkpoint); returns final metrics.
 
@@ -213,6 +214,10 @@ def train_run(
 
     Resuming reads ``config.json`` and ``tokenizer.json`` of the folder, so the resumed run is the same run even if
     the caller's flags differ; the newest checkpoint then restores model, optimizer, scheduler and RNG states.
+
+    ``parallel`` (a :class:`~smoe.train.parallel.ParallelContext`) trains on several processes: every rank calls
+    this with the same arguments; rank 0 writes the run folder. A checkpoint written by any number of ranks
+    resumes on any other (:mod:`smoe.train.checkpoint`).
     """
     run_dir = pathlib.Path(run_dir) if run_dir is not None else None
     tokenizer_state = None
@@ -223,11 +228,20 @@ def train_run(
     if run is None:
         raise ValueError("train_run needs a RunConfig unless resume=True")
     model, data, run, changes = prepare_run(run, tokenizer_state=tokenizer_state)
-    if run_dir is not None:
+    distributed = parallel is not None and parallel.distributed
+    moe_cfg = getattr(run.model, "moe", None)
+    if distributed and moe_cfg is not None and moe_cfg.dispatcher != "local":
+        raise ValueError(
+            f"moe.dispatcher={moe_cfg.dispatcher!r}: a run on several processes builds its model with the "
+            "local dispatcher and shards the experts itself; choose the expert-parallel size with --expert-parallel"
+        )
+    if run_dir is not None and (parallel is None or parallel.is_main):
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
             write_run_config(run_dir, run, data, changes)
-    trainer = Trainer(model, data, run.train, run_dir=run_dir, progress=progress, on_step=on_step, desc=desc)
+    trainer = Trainer(
+        model, data, run.train, run_dir=run_dir, progress=progress, on_step=on_step, desc=desc, parallel=parallel
+    )
     if resume:
         trainer.resume()
     result = trainer.fit()

@@ -30,6 +30,7 @@ from smoe.routing.bias_balancing import register_bias_update_hook
 from smoe.train.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
 from smoe.train.config import TrainConfig
 from smoe.train.optim import build_optimizer, build_scheduler
+from smoe.train.parallel import ParallelContext
 
 __all__ = ["Trainer", "count_parameters", "has_expert_bias"]
 
@@ -69,6 +70,9 @@ class Trainer:
         on_step: called as ``on_step(trainer, record)`` after every step's record is logged (tests use it to
             simulate a crash).
         desc: progress-bar label.
+        parallel: where this process stands in a run on several processes (:mod:`smoe.train.parallel`); the
+            model's experts are sharded and its replicated parameters wrapped in DDP here. Every rank builds the
+            same model and calls the same methods; only rank 0 shows progress and writes files.
     """
 
     def __init__(
@@ -81,10 +85,19 @@ class Trainer:
         progress: bool = True,
         on_step: Callable[[Trainer, dict], None] | None = None,
         desc: str = "train",
+        parallel: ParallelContext | None = None,
     ) -> None:
+        self.parallel = parallel if parallel is not None else ParallelContext()
+        if config.batch_size % self.parallel.world_size:
+            raise ValueError(
+                f"train.batch_size={config.batch_size} must be divisible by the number of processes "
+                f"({self.parallel.world_size}): each trains on an equal block of the batch"
+            )
         self.model, self.data, self.config = model, data, config
+        self.params = count_parameters(model)  # of the whole model (before its experts are sharded)
+        self.train_model = self.parallel.parallelize(model)  # the module called in training (DDP when distributed)
         self.run_dir = pathlib.Path(run_dir) if run_dir is not None else None
-        self.progress, self.on_step, self.desc = progress, on_step, desc
+        self.progress, self.on_step, self.desc = progress and self.parallel.is_main, on_step, desc
         self.optimizer = build_optimizer(model, config)
         self.scheduler = build_scheduler(self.optimizer, config)
         self.bias_hook = (
@@ -101,7 +114,6 @@ class Trainer:
         self._step_rates: list[float] = []
         self.history: list[dict] = []  # every record logged by this process, in order
         self.last_eval: dict | None = None
-        self.params = count_parameters(model)
 
     # ------------------------------------------------------------------------------------------------ logging
 
@@ -112,14 +124,14 @@ class Trainer:
     def log(self, record: dict) -> None:
         """Append ``record`` to ``metrics.jsonl`` (one JSON object per line) and to :attr:`history`."""
         self.history.append(record)
-        if self.metrics_path is not None:
+        if self.metrics_path is not None and self.parallel.is_main:
             with open(self.metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
     def _truncate_log(self, step: int) -> None:
         """Drop logged records past ``step`` (a resumed run recomputes them)."""
         path = self.metrics_path
-        if path is None or not path.exists():
+        if path is None or not path.exists() or not self.parallel.is_main:
             return
         kept = []
         for line in path.read_text(encoding="utf-8").splitlines():
@@ -142,32 +154,39 @@ class Trainer:
         """One optimizer step on the batch of the current step; returns its record."""
         cfg = self.config
         t0 = time.perf_counter()
+        par = self.parallel
         self.model.train()
-        inputs, targets = self.data.train_batch(self.step)
+        inputs, targets = par.shard_batch(*self.data.train_batch(self.step))
         with self._autocast():
-            out = self.model(inputs, targets)
+            out = self.train_model(inputs, targets)
             total = out.total_loss
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        total.backward()  # DDP averages the replicated gradients over the ranks here
+        par.reduce_expert_gradients(self.model)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = par.clip_grad_norm(self.model, max_norm)
         lr = self.optimizer.param_groups[0]["lr"]
+        par.reduce_load_counters(self.model)
         self.optimizer.step()  # the aux-loss-free bias update runs as its pre-hook
         self.scheduler.step()
         self.step += 1
         dt = time.perf_counter() - t0
-        tokens = _tokens_in(inputs, out)
+        tokens = _tokens_in(inputs, out) * par.world_size
+        aux = 0.0 if out.aux_loss is None else out.aux_loss.detach()
+        loss, aux = (
+            par.sum_over_ranks(torch.stack([out.loss.detach().double(), torch.as_tensor(aux).double()]))
+            / par.world_size
+        ).tolist()
         self.train_time += dt
         self.train_tokens += tokens
         self._step_rates.append(tokens / dt if dt > 0 else 0.0)
         acc = RoutingStatsAccumulator()
         acc.add(out.moe_aux)
         routing = summarize_layers(acc.summary())
-        aux = 0.0 if out.aux_loss is None else float(out.aux_loss.detach())
         return {
             "step": self.step,
             "split": "train",
-            "loss": float(out.loss.detach()),
+            "loss": loss,
             "aux_loss": aux,
             "lr": lr,
             "grad_norm": float(grad_norm),
@@ -194,9 +213,20 @@ class Trainer:
         acc = RoutingStatsAccumulator()
         loss_sum = aux_sum = correct = count = 0.0
         extra: dict[str, float] = {}
+        par = self.parallel
         with torch.random.fork_rng(devices=[]), self._autocast():
             for inputs, targets in self.data.eval_batches(split, max_batches):
+                # several processes: each takes its block of the batch's rows; a batch too small to give every
+                # rank a row is run whole on every rank (the exchanges need all of them) and counted by rank 0
+                counted = True
+                if par.distributed:
+                    if inputs.shape[0] >= par.world_size:
+                        inputs, targets = (t.tensor_split(par.world_size)[par.rank] for t in (inputs, targets))
+                    else:
+                        counted = par.is_main
                 out = self.model(inputs, targets)
+                if not counted:
+                    continue
                 n = float(targets.numel())
                 loss_sum += float(out.loss) * n
                 aux_sum += (0.0 if out.aux_loss is None else float(out.aux_loss)) * n
@@ -208,6 +238,11 @@ class Trainer:
                         extra[k] = extra.get(k, 0.0) + float(v) * n
                 acc.add(out.moe_aux)
         self.model.train(was_training)
+        if par.distributed:  # the sums over every rank's rows
+            keys = sorted(extra)
+            sums = par.sum_over_ranks(torch.tensor([loss_sum, aux_sum, correct, count, *(extra[k] for k in keys)]))
+            loss_sum, aux_sum, correct, count = sums[:4].tolist()
+            extra = dict(zip(keys, sums[4:].tolist()))
         if count == 0:
             raise ValueError(f"the {split} split produced no evaluation batch")
         loss = loss_sum / count
@@ -241,6 +276,7 @@ class Trainer:
             scheduler=self.scheduler,
             trainer_state=self.trainer_state(),
             keep=self.config.keep_checkpoints,
+            parallel=self.parallel,
         )
 
     def resume(self, path: str | os.PathLike | None = None) -> int:
@@ -253,7 +289,9 @@ class Trainer:
             if self.run_dir is None or latest_checkpoint(self.run_dir) is None:
                 raise ValueError(f"no checkpoint to resume from in {str(self.run_dir)!r}")
             path = latest_checkpoint(self.run_dir)
-        state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        state = load_checkpoint(
+            path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, parallel=self.parallel
+        )
         self.step = int(state["step"])
         trainer = state.get("trainer", {})
         self.train_time = float(trainer.get("train_time", 0.0))
@@ -277,9 +315,9 @@ class Trainer:
             training steps) and the parameter counts.
         """
         cfg = self.config
-        if self.step == 0:
-            torch.manual_seed(cfg.seed)  # training noise (router noise, dropout) starts from the run's seed
-        if self.run_dir is not None:
+        if self.step == 0:  # training noise (router noise, dropout) starts from the run's seed (+ rank)
+            torch.manual_seed(cfg.seed + self.parallel.rank)
+        if self.run_dir is not None and self.parallel.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         bar = tqdm(
             total=cfg.steps,
@@ -292,7 +330,7 @@ class Trainer:
         )
         try:
             while self.step < cfg.steps:
-                rec = self.train_step()
+                rec = self.parallel.run_collective(f"training step {self.step + 1}", self.train_step)
                 self.log(rec)
                 bar.update(1)
                 if cfg.log_every and self.step % cfg.log_every == 0:
@@ -313,6 +351,7 @@ class Trainer:
         result.update(self.params)
         result["train_time"] = self.train_time
         result["tokens_per_s"] = self.throughput()
-        if self.run_dir is not None:
+        result.update(self.parallel.describe())
+        if self.run_dir is not None and self.parallel.is_main:
             atomic_write_text(self.run_dir / "final.json", json.dumps(result, indent=1))
         return result

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from world import run_ranks, run_world
 
 import smoe
 from smoe.engine import AllToAllDispatcher, shard_expert_state
@@ -46,6 +46,8 @@ CASES = {
     "similarity": dict(router="similarity"),
     "shared_expert_gated": dict(router="token_choice", shared_expert_hidden_dim=12, shared_expert_gate=True),
     "module_experts": dict(router="token_choice", experts="module"),
+    # every token routed to rank 0's experts: rank 1 receives no row, and its experts get zero gradients
+    "one_rank_idle": dict(router="token_choice", router_kwargs={"gate_bias": True}),
 }
 
 
@@ -83,6 +85,9 @@ def _case(kwargs: dict, rank: int) -> dict[str, float]:
     """Max abs differences between the expert-parallel layer on this rank and the one-process reference."""
     torch.manual_seed(0)  # the same full layer on every rank
     full = _layer(kwargs).train()
+    if "gate_bias" in kwargs.get("router_kwargs", {}):
+        with torch.no_grad():
+            full.router.gate.bias.copy_(torch.tensor([30.0, 30.0, -30.0, -30.0]))
     refs = [_run(full, *_inputs(r)) for r in range(WORLD)]
     dispatcher = AllToAllDispatcher()
     first, count = dispatcher.first_local_expert(E), dispatcher.num_local_experts(E)
@@ -116,31 +121,6 @@ def _worker(rank: int, init_file: str, out_dir: str, cases: list[str]) -> None:
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
     finally:
         dist.destroy_process_group()
-
-
-def run_ranks(target, args: tuple, timeout_s: float) -> list[int | None]:
-    """Start one process per rank (``target(rank, *args)``) and wait at most ``timeout_s`` in all; returns the exit
-    codes (``None`` for a rank still running at the deadline, which is then killed)."""
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=target, args=(r, *args)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout_s
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    codes = [p.exitcode for p in procs]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    return codes
-
-
-def run_world(fn, args: tuple, timeout_s: float = 240.0) -> None:
-    """Run ``fn(rank, *args)`` on every rank (:func:`run_ranks`); fail unless every rank ends cleanly in time."""
-    codes = run_ranks(fn, args, timeout_s)
-    if codes != [0] * WORLD:
-        pytest.fail(f"the {WORLD}-process world ended with exit codes {codes} (None: running at {timeout_s:.0f} s)")
 
 
 @pytest.fixture(scope="module")
