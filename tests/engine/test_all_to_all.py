@@ -184,6 +184,42 @@ def test_global_balance_loss_and_loads_equal_one_process_holding_every_rank(tmp_
         assert out["load"] == 0 and out["local_load_total"] == B * L * K, out  # loads summed over the ranks
 
 
+def _state_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """gather_expert_state / shard_model_state on module experts, one of which has no optimizer state on rank 1."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(_layer({"experts": "module"}))
+        full = {k: v.clone() for k, v in model.state_dict().items()}
+        smoe.layers.apply_expert_parallel(model)
+        local = model.state_dict()
+        back = smoe.layers.gather_expert_state(model, local)
+        out = {
+            "keys_equal": sorted(back) == sorted(full),
+            "values_equal": all(torch.equal(back[k], full[k]) for k in full),
+            "local_is_slice": all(
+                torch.equal(v, smoe.layers.shard_model_state(model, full)[k]) for k, v in local.items()
+            ),
+        }
+        moments = {k: torch.full_like(v, float(rank + 1)) for k, v in local.items() if k.startswith("0.experts.")}
+        if rank == 1:
+            moments.pop("0.experts.0.0.weight")  # no state yet for this expert's weight on rank 1
+        gathered = smoe.layers.gather_expert_state(model, moments)
+        out["filled"] = [gathered[f"0.experts.{e}.0.weight"].abs().max().item() for e in range(E)]
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_expert_state_gathers_to_the_one_process_form_and_shards_back(tmp_path):
+    run_world(_state_worker, (str(tmp_path / "init"), str(tmp_path)))
+    for r in range(WORLD):
+        out = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert out["keys_equal"] and out["values_equal"] and out["local_is_slice"], out
+        assert out["filled"] == [1.0, 1.0, 0.0, 2.0], out  # rank 1's missing expert 2 is zeros (fresh state)
+
+
 def _dense_worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)

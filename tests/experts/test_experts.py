@@ -116,3 +116,24 @@ def test_autocast_casts_the_weights_for_any_input_dtype(input_dtype):
             got, _ = layer(x.to(input_dtype))
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("kind", ["swiglu", "gelu_bias", "module"])
+def test_shard_keeps_a_range_of_experts_with_their_weights(kind):
+    torch.manual_seed(0)
+    if kind == "module":
+        full = smoe.ModuleExperts([torch.nn.Linear(6, 6) for _ in range(4)], dim=6)
+    else:
+        full = smoe.build_experts(kind.split("_")[0], dim=6, hidden_dim=10, num_experts=4, bias=kind.endswith("bias"))
+    part = full.shard(2, 2)
+    assert type(part) is type(full) and part.num_experts == 2
+    x = torch.randn(5, 6)
+    for e in range(2):
+        torch.testing.assert_close(part.expert_forward(e, x), full.expert_forward(2 + e, x), rtol=0, atol=0)
+    with torch.no_grad():  # copies, not views: training the shard leaves the full layer alone
+        next(part.parameters()).add_(1.0)
+    torch.testing.assert_close(part.expert_forward(1, x), part.expert_forward(1, x))
+    assert not torch.equal(part.expert_forward(0, x), full.expert_forward(2, x))
+    for first, count in [(3, 2), (-1, 1), (0, 0)]:
+        with pytest.raises(ValueError, match="not a range"):
+            full.shard(first, count)

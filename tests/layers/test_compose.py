@@ -220,3 +220,22 @@ def test_hidden_dim_may_be_omitted_only_with_an_experts_instance():
     smoe.MoE(D, None, E, K, experts=smoe.build_experts("relu", dim=D, hidden_dim=F, num_experts=E))
     with pytest.raises(ValueError, match="hidden_dim"):
         smoe.MoE(D, None, E, K)
+
+
+def test_shard_experts_keeps_this_process_s_experts_and_refuses_twice():
+    class SecondHalf(smoe.Dispatcher):
+        def num_local_experts(self, num_experts):
+            return num_experts // 2
+
+        def first_local_expert(self, num_experts):
+            return num_experts // 2
+
+    torch.manual_seed(0)
+    layer = smoe.MoE(8, 16, 4, 2)
+    w1 = layer.experts.w1_EFD.detach().clone()
+    d = SecondHalf()
+    layer.shard_experts(d)
+    assert layer.dispatcher is d and layer.experts.num_experts == 2
+    assert torch.equal(layer.experts.w1_EFD, w1[2:])
+    with pytest.raises(ValueError, match="sharded already"):
+        layer.shard_experts(SecondHalf())

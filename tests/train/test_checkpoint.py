@@ -131,3 +131,52 @@ def test_atomic_write_text_replaces_whole_file(tmp_path):
     atomic_write_text(p, "one")
     atomic_write_text(p, "two")
     assert p.read_text() == "two" and [q.name for q in p.parent.iterdir()] == ["config.json"]
+
+
+def test_tied_weights_are_stored_once_and_restored_tied(tmp_path):
+    from safetensors.torch import load_file
+
+    model, opt, sched = _trained()
+    assert model.head.weight is model.tok_emb.weight
+    ckpt = save_checkpoint(tmp_path, 2, model=model, optimizer=opt, scheduler=sched)
+    stored = load_file(str(ckpt / "model.safetensors"))
+    assert ("head.weight" in stored) != ("tok_emb.weight" in stored)
+    other = build_model("lm_debug")
+    load_checkpoint(ckpt, model=other)
+    assert other.head.weight is other.tok_emb.weight
+    assert torch.equal(other.tok_emb.weight, model.tok_emb.weight)
+
+
+def test_optimizer_state_is_keyed_by_parameter_name(tmp_path):
+    from safetensors.torch import load_file
+
+    model, opt, sched = _trained()
+    ckpt = save_checkpoint(tmp_path, 2, model=model, optimizer=opt, scheduler=sched)
+    tensors = load_file(str(ckpt / "optimizer.safetensors"))
+    name = next(n for n, p in model.named_parameters() if "experts.w1_EFD" in n)
+    assert torch.equal(tensors[f"optim.{name}.exp_avg"], opt.state[dict(model.named_parameters())[name]]["exp_avg"])
+    assert json.loads((ckpt / "state.json").read_text())["format"] == "smoe-checkpoint-v2"
+
+
+def test_a_checkpoint_of_the_first_format_still_loads(tmp_path):
+    """``smoe-checkpoint-v1`` stored the optimizer state keyed by parameter position; written here as it was."""
+    from safetensors.torch import save_file, save_model
+
+    model, opt, sched = _trained()
+    ckpt = save_checkpoint(tmp_path, 2, model=model, optimizer=opt, scheduler=sched)
+    sd = opt.state_dict()
+    tensors = {"rng.torch": torch.get_rng_state()}
+    tensors.update({f"optim.{i}.{k}": v for i, st in sd["state"].items() for k, v in st.items()})
+    save_file(tensors, str(ckpt / "optimizer.safetensors"))
+    save_model(model, str(ckpt / "model.safetensors"))
+    state = json.loads((ckpt / "state.json").read_text())
+    state["format"] = "smoe-checkpoint-v1"
+    state["optimizer"] = {"param_groups": sd["param_groups"], "scalars": {}}
+    for key in ("world", "rng_ranks"):
+        state.pop(key, None)
+    (ckpt / "state.json").write_text(json.dumps(state))
+    model2, opt2, sched2 = _trained(seed=1)
+    load_checkpoint(ckpt, model=model2, optimizer=opt2, scheduler=sched2)
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["exp_avg_sq"], opt2.state[q]["exp_avg_sq"])
