@@ -81,3 +81,17 @@ def test_expert_parallel_benchmark_quick():
     rows = _table_rows(done.stdout, "8")
     assert [r[1] for r in rows] == ["1", "2"]  # one process, then two expert-parallel processes
     assert float(rows[0][5]) == 0.0 and float(rows[1][5]) > 0  # only the two-process run exchanges rows
+
+
+@pytest.mark.slow
+def test_expert_parallel_training_benchmark_quick():
+    script = BENCH / "bench_ep_training.py"
+    done = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [
+        line.strip("|").split("|") for line in done.stdout.splitlines() if line.startswith("| ") and "process" in line
+    ]
+    assert len(rows) == 3, done.stdout
+    sent = [float(r[4]) for r in rows]
+    assert sent[0] == 0.0 and sent[1] > 0 and sent[2] == 0.0  # only expert parallelism exchanges rows
+    assert all(math.isfinite(float(r[3])) and float(r[3]) > 0 for r in rows)
