@@ -81,19 +81,23 @@ def _run(layer, x, ids, gy):
     return y.detach(), grads
 
 
-def _case(kwargs: dict, rank: int) -> dict[str, float]:
+def _case(kwargs: dict, rank: int, device: str = "cpu") -> dict[str, float]:
     """Max abs differences between the expert-parallel layer on this rank and the one-process reference."""
     torch.manual_seed(0)  # the same full layer on every rank
-    full = _layer(kwargs).train()
+    full = _layer(kwargs).train().to(device)
     if "gate_bias" in kwargs.get("router_kwargs", {}):
         with torch.no_grad():
             full.router.gate.bias.copy_(torch.tensor([30.0, 30.0, -30.0, -30.0]))
-    refs = [_run(full, *_inputs(r)) for r in range(WORLD)]
+
+    def inputs(r):
+        return [t.to(device) for t in _inputs(r)]
+
+    refs = [_run(full, *inputs(r)) for r in range(WORLD)]
     dispatcher = AllToAllDispatcher()
     first, count = dispatcher.first_local_expert(E), dispatcher.num_local_experts(E)
-    ep = _layer(kwargs, dispatcher).train()
+    ep = _layer(kwargs, dispatcher).train().to(device)
     ep.load_state_dict(shard_expert_state(full.state_dict(), E, first, count))
-    y, grads = _run(ep, *_inputs(rank))
+    y, grads = _run(ep, *inputs(rank))
     y_ref, g_ref = refs[rank]
     errors = {"output": (y - y_ref).abs().max().item()}
     for name, g in grads.items():
@@ -106,16 +110,20 @@ def _case(kwargs: dict, rank: int) -> dict[str, float]:
     return errors
 
 
-def _worker(rank: int, init_file: str, out_dir: str, cases: list[str]) -> None:
+def _worker(rank: int, init_file: str, out_dir: str, cases: list[str], backend: str = "gloo") -> None:
     torch.set_num_threads(1)
+    device = "cpu"
+    if backend == "nccl":  # one GPU per rank
+        device = f"cuda:{rank}"
+        torch.cuda.set_device(rank)
     dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
+        backend, init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
     )
     try:
         results = {}
         for name in cases:
             try:
-                results[name] = _case(CASES[name], rank)
+                results[name] = _case(CASES[name], rank, device)
             except Exception as e:  # reported per case by the test
                 results[name] = {"error": f"{type(e).__name__}: {e}"}
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
@@ -130,8 +138,7 @@ def world_results(tmp_path_factory) -> list[dict]:
     return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_two_ranks_equal_one_process(world_results, case):
+def _check_case(world_results: list[dict], case: str) -> None:
     for rank, results in enumerate(world_results):
         errors = results[case]
         assert "error" not in errors, f"rank {rank}: {errors.get('error')}"
@@ -141,6 +148,27 @@ def test_two_ranks_equal_one_process(world_results, case):
             assert any(k.startswith("router.") for k in errors)
         bad = {k: v for k, v in errors.items() if not v <= 1e-10}
         assert not bad, f"rank {rank}: {bad}"
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_two_ranks_equal_one_process(world_results, case):
+    _check_case(world_results, case)
+
+
+@pytest.fixture(scope="module")
+def nccl_results(tmp_path_factory) -> list[dict]:
+    if torch.cuda.device_count() < WORLD or not dist.is_nccl_available():
+        pytest.skip(f"NCCL expert parallelism needs {WORLD} CUDA devices (one per rank)")
+    tmp = tmp_path_factory.mktemp("ep_nccl")
+    run_world(_worker, (str(tmp / "init"), str(tmp), sorted(CASES), "nccl"))
+    return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_two_ranks_equal_one_process_over_nccl(nccl_results, case):
+    """The same cases with NCCL, one CUDA device per rank (float64 on the GPU)."""
+    _check_case(nccl_results, case)
 
 
 def _global_worker(rank: int, init_file: str, out_dir: str) -> None:
