@@ -91,6 +91,15 @@ def _without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
+def check_parallel_run(run_cfg, nproc: int, expert_parallel: int) -> None:
+    """``ValueError`` for a run that cannot be split over ``nproc`` processes in groups of ``expert_parallel``."""
+    if run_cfg.train.batch_size % nproc:
+        raise ValueError(f"train.batch_size={run_cfg.train.batch_size} must be divisible by --nproc {nproc}")
+    moe = getattr(run_cfg.model, "moe", None)
+    if expert_parallel > 1 and moe is not None and moe.num_experts % expert_parallel:
+        raise ValueError(f"moe.num_experts={moe.num_experts} must be divisible by --expert-parallel {expert_parallel}")
+
+
 def launch(args: argparse.Namespace, nproc: int, out: pathlib.Path) -> int:
     """Run this same command in ``nproc`` processes under torchrun (one machine); returns its exit status."""
     argv = _without_nproc(args.argv)
@@ -122,7 +131,11 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--expert-parallel {args.expert_parallel} must divide --nproc {nproc}")
         if not args.resume and (out / "config.json").exists():
             raise ValueError(f"{str(out)!r} already holds a run; pass --resume to continue it or choose another --out")
-        if nproc > 1:
+        if nproc > 1:  # refuse what the ranks would refuse, once, before starting them
+            from smoe.train.run import load_run_config  # noqa: PLC0415
+
+            run_cfg = load_run_config(out)[0] if args.resume else resolve_run_config(args.preset, overrides)
+            check_parallel_run(run_cfg, nproc, args.expert_parallel)
             return launch(args, nproc, out)
     parallel = init_parallel(args.expert_parallel, timeout_s=args.dist_timeout)
     if parallel.distributed and not args.out:

@@ -9,7 +9,8 @@ Every model mixes in :class:`AccountingMixin`, whose :meth:`~AccountingMixin.acc
      "flops_per_sample":      flops_per_token * tokens_per_sample}
 
 ``num_parameters()``, ``num_active_parameters()`` and ``flops_per_token()`` are shortcuts to the same numbers.
-Everything is computed from parameter shapes, so it works on the meta device (paper-sized presets).
+Everything is computed from parameter shapes, so it works on the meta device (paper-sized presets). A model whose
+experts are sharded over processes (expert parallelism) is counted whole: the experts held elsewhere are included.
 
 Conventions (stated, because papers differ):
 
@@ -67,9 +68,16 @@ def experts_per_token(moe: MoE, context_len: int | None = None) -> float:
     return float(moe.router.experts_per_token(_known_group_size(moe, context_len)))
 
 
+def expert_parameters(moe: MoE) -> float:
+    """Parameters of all ``E`` routed experts of ``moe``, also when this process holds only some of them (expert
+    parallelism: the local experts' count scaled by ``E / E_local``)."""
+    local = sum(p.numel() for p in moe.experts.parameters())
+    return local * moe.num_experts / moe.experts.num_experts
+
+
 def moe_inactive_parameters(moe: MoE, context_len: int | None = None) -> float:
     """Routed-expert parameters of ``moe`` that one token does not use: ``expert_params * (1 - k / E)``."""
-    expert_params = sum(p.numel() for p in moe.experts.parameters())
+    expert_params = expert_parameters(moe)
     k = experts_per_token(moe, context_len)
     return expert_params * (1.0 - min(k, moe.num_experts) / moe.num_experts)
 
@@ -126,9 +134,12 @@ class AccountingMixin:
         """Parameter and FLOP counts (see the module docstring for the conventions)."""
         params = {id(p): p.numel() for p in self.parameters()}  # tied weights once
         total = sum(params.values())
+        moes = [m for m in self.modules() if isinstance(m, MoE)]
+        # the experts other processes hold (expert parallelism): the model is counted whole
+        total += sum(expert_parameters(m) - sum(p.numel() for p in m.experts.parameters()) for m in moes)
         own = self._accounting()
         context = int(own["tokens_per_sample"])
-        inactive = sum(moe_inactive_parameters(m, context) for m in self.modules() if isinstance(m, MoE))
+        inactive = sum(moe_inactive_parameters(m, context) for m in moes)
         out: dict[str, float] = {"num_parameters": total, "num_active_parameters": total - inactive}
         out.update(own)
         out["flops_per_sample"] = out["flops_per_token"] * out["tokens_per_sample"]

@@ -253,3 +253,38 @@ def test_a_killed_worker_ends_the_torchrun_job_with_an_error(tmp_path):
             proc.kill()
     assert proc.returncode != 0
     assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)", err) and "SIGKILL" in err, err[-3000:]  # torchrun's report
+
+
+def test_accounting_counts_the_whole_model_when_its_experts_are_sharded():
+    import smoe
+
+    class Half(smoe.Dispatcher):
+        def num_local_experts(self, num_experts):
+            return num_experts // 2
+
+    model = smoe.build_model("lm_debug")
+    before = model.accounting()
+    for m in model.modules():
+        if isinstance(m, smoe.MoE):
+            m.shard_experts(Half())
+    assert sum(p.numel() for p in model.parameters()) < before["num_parameters"]
+    assert model.accounting() == before
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--expert-parallel", "8", "--batch-size", "16"],
+            "moe.num_experts=4 must be divisible by --expert-parallel 8",
+        ),
+        (["--nproc", "3"], "train.batch_size=16 must be divisible by --nproc 3"),
+        (["--nproc", "2", "--expert-parallel", "4"], "--expert-parallel 4 must divide --nproc 2"),
+    ],
+)
+def test_a_run_that_cannot_be_split_is_refused_before_any_process_starts(tmp_path, capsys, flags, message):
+    from smoe.cli.main import main
+
+    assert main(["train", "--preset", "lm_debug", "--out", str(tmp_path / "run"), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
