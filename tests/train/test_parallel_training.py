@@ -2,8 +2,10 @@
 
 ``lm_debug`` (4 experts, top-2, dropless) with the global balance-loss scope, 20 steps of 8 sequences:
 
-* two ranks with the experts sharded (EP=2) and two ranks of plain data parallelism (EP=1, DDP) give the
-  one-process losses at every step (float32 rounding of differently ordered sums only);
+* two ranks with the experts sharded (EP=2), two ranks of plain data parallelism (EP=1, DDP) and four ranks in
+  two expert groups of two (EP=2 < W=4: each expert's gradient is summed over its two copies) give the
+  one-process losses at every step (float32 rounding of differently ordered sums only), and a run repeated on the
+  same world gives the same losses exactly;
 * a run saved at step 10 by one process resumes on two (EP=2) and the reverse, and steps 11..20 match the
   uninterrupted run;
 * a rank that dies in the middle of training ends the other with an error naming its rank within the
@@ -74,9 +76,26 @@ def _world_worker(rank: int, init_file: str, tmp: str) -> None:
             ctx = init_parallel(ep, timeout_s=60)
             assert (ctx.world_size, ctx.expert_parallel) == (2, ep)
             train_run(resolve_run_config("lm_debug", OVERRIDES), Path(tmp, f"ep{ep}"), progress=False, parallel=ctx)
+        # the same run again: deterministic given the seed and the world
+        train_run(resolve_run_config("lm_debug", OVERRIDES), Path(tmp, "ep2_again"), progress=False,
+                  parallel=init_parallel(2, timeout_s=60))  # fmt: skip
         # the one-process run's checkpoint at step 10, continued on two ranks
         ctx = init_parallel(2, timeout_s=60)
         train_run(None, Path(tmp, "one_then_two"), resume=True, progress=False, parallel=ctx)
+    finally:
+        dist.destroy_process_group()
+
+
+def _four_worker(rank: int, init_file: str, tmp: str) -> None:
+    """Four ranks: two expert groups of two (each expert on two ranks, its gradient summed over both copies)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=4,
+                            timeout=timedelta(seconds=90))  # fmt: skip
+    try:
+        ctx = init_parallel(2, timeout_s=90)
+        assert (ctx.data_parallel, ctx.expert_parallel) == (2, 2)
+        overrides = dict(OVERRIDES, **{"train.ckpt_every": "0"})
+        train_run(resolve_run_config("lm_debug", overrides), Path(tmp, "dp2_ep2"), progress=False, parallel=ctx)
     finally:
         dist.destroy_process_group()
 
@@ -87,12 +106,17 @@ def runs(tmp_path_factory) -> Path:
     train_run(resolve_run_config("lm_debug", OVERRIDES), tmp / "one", progress=False)
     _truncated_copy(tmp / "one", tmp / "one_then_two", 10)
     run_world(_world_worker, (str(tmp / "init"), str(tmp)), timeout_s=240)
+    run_world(_four_worker, (str(tmp / "init4"), str(tmp)), timeout_s=240, world=4)
     train_run(None, _truncated_copy(tmp / "ep2", tmp / "two_then_one", 10), resume=True, progress=False)
     return tmp
 
 
-@pytest.mark.parametrize("run", ["ep2", "ep1"])
-def test_two_processes_train_the_one_process_losses(runs, run):
+def test_a_multi_process_run_is_deterministic(runs):
+    assert _losses(runs / "ep2") == _losses(runs / "ep2_again")
+
+
+@pytest.mark.parametrize("run", ["ep2", "ep1", "dp2_ep2"])
+def test_several_processes_train_the_one_process_losses(runs, run):
     one, two = _losses(runs / "one"), _losses(runs / run)
     assert sorted(two) == list(range(1, STEPS + 1))
     assert one[STEPS] < one[1] - 0.3  # it trained
@@ -101,7 +125,8 @@ def test_two_processes_train_the_one_process_losses(runs, run):
     final_one = json.loads((runs / "one" / "final.json").read_text())
     final_two = json.loads((runs / run / "final.json").read_text())
     assert abs(final_one["loss"] - final_two["loss"]) < TOL
-    assert (final_two["world_size"], final_two["expert_parallel"]) == (2, int(run[-1]))
+    world = 4 if run == "dp2_ep2" else 2
+    assert (final_two["world_size"], final_two["expert_parallel"]) == (world, int(run[-1]))
     assert final_two["num_parameters"] == final_one["num_parameters"]  # counted over the whole model
 
 
