@@ -29,6 +29,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("validation", "test"), default="validation", help="split to evaluate")
     p.add_argument("--batches", type=non_negative_int, help="evaluation batches (0 = whole split; default: the run's)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    p.add_argument(
+        "--use-intact",
+        action="store_true",
+        help="if the checkpoint is damaged (checksum mismatch), evaluate the newest intact one of its run",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -36,7 +41,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from smoe.train.run import evaluate_run  # noqa: PLC0415
 
-    result = evaluate_run(args.checkpoint, split=args.split, max_batches=args.batches)
+    result = evaluate_run(args.checkpoint, split=args.split, max_batches=args.batches, use_intact=args.use_intact)
     if args.json:
         print(json.dumps(result, indent=1))
         return 0

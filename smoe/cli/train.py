@@ -45,6 +45,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--ckpt-every", type=non_negative_int, help="checkpoint every N steps (train.ckpt_every; 0 = end)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     p.add_argument(
+        "--use-intact",
+        action="store_true",
+        help="with --resume: if the newest checkpoint is damaged (checksum mismatch), resume from the newest "
+        "intact one",
+    )
+    p.add_argument(
         "--expert-parallel",
         type=positive_int,
         default=1,
@@ -149,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
             resume=True,
             progress=not args.no_progress,
             parallel=parallel,  # type: ignore[arg-type]
+            use_intact=args.use_intact,
         )
     else:
         exists = (out / "config.json").exists()

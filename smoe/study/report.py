@@ -88,7 +88,10 @@ def _columns(task: str, seeds: int) -> list[tuple[str, str, str]]:
 
 def _fmt(row: dict, key: str, fmt: str, task: str) -> str:
     if key not in row:
-        return "FAILED" if key == "loss" or (key == "accuracy" and task == "vision") else "-"
+        if key == "loss" or (key == "accuracy" and task == "vision"):
+            error = row.get("error") or ""
+            return error if error.startswith("diverged at step") else "FAILED"
+        return "-"
     v = row[key]
     if fmt == "s":
         return str(v)
@@ -169,7 +172,8 @@ def plot_all(result, out_dir) -> dict:
     ax_tr.set(title="training loss (EMA 0.1)", xlabel="step")
     for ax in (ax_val, ax_tr):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ok:  # (no curve at all when every run failed or diverged)
+            ax.legend(fontsize=8)
     fig.tight_layout()
     files["curves"] = out_dir / "curves.png"
     fig.savefig(files["curves"], dpi=110)

@@ -31,7 +31,7 @@ from smoe.data import build_data
 from smoe.study.variants import StudyVariant, resolve_variants, variant_overrides
 from smoe.train.config import TrainConfig
 from smoe.train.run import RunConfig, fit_model_to_data, resolve_run_config, write_run_config
-from smoe.train.trainer import Trainer
+from smoe.train.trainer import Trainer, TrainingDiverged
 
 __all__ = ["StudyConfig", "StudyRun", "StudyResult", "run_study", "study_budget", "STUDY_TASKS"]
 
@@ -183,6 +183,11 @@ def run_study(cfg: StudyConfig, *, log: Callable[[str], None] = print) -> StudyR
                 run.curve = [(r["step"], r["loss"]) for r in trainer.history if r["split"] == "validation"]
                 run.train_curve = [(r["step"], r["loss"]) for r in trainer.history if r["split"] == "train"]
                 log(_one_line(variant.name, seed, run.final, cfg.task))
+            except TrainingDiverged as e:  # a visible state of its own, listed last
+                run.error = f"diverged at step {e.step}"
+                log(f"  {variant.name} seed {seed}: {run.error}")
+                (run_dir / "error.txt").parent.mkdir(parents=True, exist_ok=True)
+                (run_dir / "error.txt").write_text(str(e), encoding="utf-8")
             except (RuntimeError, ValueError, ArithmeticError) as e:  # one failing router must not sink the study
                 run.error = f"{type(e).__name__}: {e}"
                 log(f"  {variant.name} seed {seed}: FAILED: {run.error}")

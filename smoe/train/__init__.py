@@ -4,7 +4,7 @@ from smoe.train.checkpoint import latest_checkpoint, load_checkpoint, resolve_ch
 from smoe.train.config import TrainConfig, apply_dataclass_overrides
 from smoe.train.optim import WarmupCosine, build_optimizer, build_scheduler
 from smoe.train.run import RunConfig, evaluate_run, load_run_config, prepare_run, resolve_run_config, train_run
-from smoe.train.trainer import Trainer, count_parameters, has_expert_bias
+from smoe.train.trainer import Trainer, TrainingDiverged, count_parameters, has_expert_bias
 
 __all__ = [
     "TrainConfig",
@@ -13,6 +13,7 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "Trainer",
+    "TrainingDiverged",
     "count_parameters",
     "has_expert_bias",
     "save_checkpoint",

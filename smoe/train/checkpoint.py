@@ -16,6 +16,10 @@ restores each, on another number rank ``r`` restores the saved rank ``r``'s stat
 a state seeded from the run's seed, the step and ``r``. Checkpoints of the first format
 (``smoe-checkpoint-v1``, optimizer state keyed by position) still load in one process.
 
+``state.json`` also holds the SHA-256 of both safetensors files; loading verifies them, so damaged bytes are an
+error (:class:`CheckpointDamaged`, naming the newest intact checkpoint of the run) instead of NaN weights, and a
+``state.json`` whose step disagrees with its folder's name is refused.
+
 It is written to a temporary sibling folder and moved into place with one ``os.replace``, so a crash or a kill
 leaves either the previous checkpoints or the complete new one, never a torn one. Loading only parses safetensors
 and JSON: a pickle (``torch.save``) file is refused, never unpickled.
@@ -23,6 +27,7 @@ and JSON: a pickle (``torch.save``) file is refused, never unpickled.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -44,6 +49,10 @@ __all__ = [
     "resolve_checkpoint",
     "atomic_write_text",
     "read_json",
+    "CheckpointDamaged",
+    "checkpoint_is_intact",
+    "newest_intact_checkpoint",
+    "verify_checkpoint",
 ]
 
 FORMAT = "smoe-checkpoint-v2"
@@ -74,13 +83,100 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
         raise ValueError(f"{what} {str(p)!r} is not valid JSON ({e})") from None
 
 
-def _load_tensors(path: pathlib.Path) -> dict[str, torch.Tensor]:
+class CheckpointDamaged(ValueError):
+    """A checkpoint file's bytes differ from the checksum written with it; ``intact`` is the newest checkpoint of
+    the same run that verifies, or ``None``."""
+
+    def __init__(self, message: str, path: pathlib.Path, intact: pathlib.Path | None) -> None:
+        super().__init__(message)
+        self.path, self.intact = path, intact
+
+
+_CHECKED = ("model.safetensors", "optimizer.safetensors")
+
+
+def _sha256(path: pathlib.Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _pickle_kind(path: pathlib.Path) -> str | None:
+    """``"pickle"`` / ``"torch.save zip"`` when the file starts like one (never unpickled to find out)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        return "a pickle"
+    if head == b"PK\x03\x04":
+        return "a zip archive (what torch.save writes: pickled data)"
+    return None
+
+
+def _refuse_pickle(path: pathlib.Path) -> None:
     if not path.is_file():
         raise ValueError(f"checkpoint file {str(path)!r} is missing")
+    kind = _pickle_kind(path)
+    if kind is not None:
+        raise ValueError(
+            f"{str(path)!r} is not a valid safetensors file: it is {kind}; refusing to load it (unpickling runs code)"
+        )
+
+
+def _load_tensors(path: pathlib.Path) -> dict[str, torch.Tensor]:
+    _refuse_pickle(path)
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{str(path)!r} is not a valid safetensors file ({e}); refusing to load it") from None
+
+
+def _damaged_files(ckpt: pathlib.Path, state: dict) -> list[str]:
+    """The files of ``ckpt`` whose bytes differ from the checksums in its ``state.json`` (none recorded: none)."""
+    sums = state.get("sha256") or {}
+    return [name for name, digest in sums.items() if not (ckpt / name).is_file() or _sha256(ckpt / name) != digest]
+
+
+def checkpoint_is_intact(ckpt: str | os.PathLike) -> bool:
+    """Whether a checkpoint folder's ``state.json`` parses and its files match their checksums."""
+    ckpt = pathlib.Path(ckpt)
+    try:
+        state = read_json(ckpt / "state.json", "checkpoint state")
+    except ValueError:
+        return False
+    return isinstance(state, dict) and all((ckpt / n).is_file() for n in _CHECKED) and not _damaged_files(ckpt, state)
+
+
+def newest_intact_checkpoint(root: str | os.PathLike) -> pathlib.Path | None:
+    """The newest checkpoint under ``root`` (a run or checkpoints folder) that verifies, or ``None``."""
+    for ckpt in reversed(list_checkpoints(root)):
+        if checkpoint_is_intact(ckpt):
+            return ckpt
+    return None
+
+
+def verify_checkpoint(ckpt: pathlib.Path, state: dict) -> None:
+    """``CheckpointDamaged`` when a file of ``ckpt`` differs from its checksum, naming the newest intact one."""
+    for name in _CHECKED:
+        if (ckpt / name).is_file():
+            _refuse_pickle(ckpt / name)  # a pickle in place of a file is named as one, not just as damaged
+    bad = _damaged_files(ckpt, state)
+    if not bad:
+        return
+    intact = newest_intact_checkpoint(ckpt.parent) if ckpt.name.startswith(_PREFIX) else None
+    offer = (
+        f"the newest intact checkpoint of this run is {str(intact)!r} (smoe train --resume / smoe eval take it "
+        "with --use-intact)"
+        if intact is not None
+        else "no intact checkpoint of this run is left"
+    )
+    raise CheckpointDamaged(
+        f"checkpoint {str(ckpt)!r} is damaged: {', '.join(bad)} {'does' if len(bad) == 1 else 'do'} not match the "
+        f"checksum written with it; {offer}",
+        ckpt,
+        intact,
+    )
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -260,6 +356,12 @@ def resolve_checkpoint(path: str | os.PathLike) -> pathlib.Path:
     return latest
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _rng_seed(seed: int, step: int, rank: int) -> int:
     """A training-RNG seed for a rank the checkpoint holds no state for."""
     return (int(seed) * 1_000_003 + int(step)) * 1_009 + int(rank)
@@ -314,9 +416,12 @@ def save_checkpoint(
         if scheduler is not None:
             state["scheduler"] = scheduler.state_dict()
         save_file(extra, str(tmp / "optimizer.safetensors"))
+        state["sha256"] = {name: _sha256(tmp / name) for name in _CHECKED}
         with open(tmp / "state.json", "w", encoding="utf-8") as f:
             json.dump(state, f)
+        mode = 0o666 & ~_umask()  # safetensors writes 0600; every file of a checkpoint gets the same mode
         for name in ("model.safetensors", "optimizer.safetensors", "state.json"):
+            os.chmod(tmp / name, mode)
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
         if final.exists():  # re-saving a step (after a resume): move the old one aside first
@@ -354,6 +459,20 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike, *, parallel=No
         raise ValueError(f"checkpoint {str(p)!r} does not match the model: {first} {detail}".strip()) from None
 
 
+def _checkpoint_state(p: pathlib.Path) -> dict:
+    """``state.json`` of checkpoint folder ``p``, checked: an smoe format, and a step that agrees with the folder."""
+    state = read_json(p / "state.json", "checkpoint state")
+    if not isinstance(state, dict) or state.get("format") not in _FORMATS:
+        raise ValueError(f"{str(p)!r} is not an smoe checkpoint (state.json has no format {FORMAT!r})")
+    suffix = p.name[len(_PREFIX) :]
+    if p.name.startswith(_PREFIX) and suffix.isdigit() and int(suffix) != state.get("step"):
+        raise ValueError(
+            f"{str(p / 'state.json')!r} says step {state.get('step')!r} inside folder {p.name} (step {int(suffix)}); "
+            "a checkpoint's state must agree with its folder"
+        )
+    return state
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     *,
@@ -374,11 +493,15 @@ def load_checkpoint(
     parallel = parallel if parallel is not None and parallel.distributed else None
     p = resolve_checkpoint(path)
     if p.is_file():
+        state = {"step": 0}
+        if (p.parent / "state.json").is_file():  # a file of a checkpoint folder: verify it, report its step
+            state = _checkpoint_state(p.parent)
+            if p.name in state.get("sha256", {}) and _sha256(p) != state["sha256"][p.name]:
+                verify_checkpoint(p.parent, {"sha256": {p.name: state["sha256"][p.name]}})
         load_model_weights(model, p, parallel=parallel)
-        return {"step": 0}
-    state = read_json(p / "state.json", "checkpoint state")
-    if not isinstance(state, dict) or state.get("format") not in _FORMATS:
-        raise ValueError(f"{str(p)!r} is not an smoe checkpoint (state.json has no format {FORMAT!r})")
+        return {"step": int(state.get("step", 0))}
+    state = _checkpoint_state(p)
+    verify_checkpoint(p, state)
     load_model_weights(model, p / "model.safetensors", parallel=parallel)
     extra = _load_tensors(p / "optimizer.safetensors")
     if optimizer is not None:

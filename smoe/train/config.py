@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["TrainConfig", "apply_dataclass_overrides"]
+__all__ = ["TrainConfig", "apply_dataclass_overrides", "NONFINITE_MODES"]
+
+NONFINITE_MODES = ("stop", "skip")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -34,6 +36,10 @@ class TrainConfig:
         bf16: bfloat16 autocast for the forward pass (router math stays float32).
         bias_update_rate: step of the aux-loss-free expert-bias update (routers built with ``expert_bias=True``).
         log_every: how often the progress bar refreshes its loss (every step is logged to ``metrics.jsonl``).
+        on_nonfinite: what a step with a non-finite loss or gradient norm does: ``"stop"`` (the default) raises
+            :class:`~smoe.train.TrainingDiverged` naming the step, before the step is applied; ``"skip"`` applies
+            nothing for that step (the batch and the learning-rate schedule move on), marks its record
+            ``"skipped": true`` and counts it in ``skipped_steps``.
     """
 
     steps: int = 200
@@ -53,6 +59,7 @@ class TrainConfig:
     bf16: bool = False
     bias_update_rate: float = 1e-3
     log_every: int = 10
+    on_nonfinite: str = "stop"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size"):
@@ -70,6 +77,8 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.on_nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"train.on_nonfinite must be one of {NONFINITE_MODES}, got {self.on_nonfinite!r}")
         for name in ("weight_decay", "grad_clip", "bias_update_rate"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):

@@ -207,6 +207,7 @@ def train_run(
     on_step=None,
     desc: str = "train",
     parallel=None,
+    use_intact: bool = False,
 ) -> dict:
     """Train ``run`` into ``run_dir`` (``resume=True`` continues from its newest checkpoint); returns final metrics.
 
@@ -243,17 +244,33 @@ def train_run(
         model, data, run.train, run_dir=run_dir, progress=progress, on_step=on_step, desc=desc, parallel=parallel
     )
     if resume:
-        trainer.resume()
+        trainer.resume(use_intact=use_intact)
     result = trainer.fit()
     result["history"] = trainer.history
     return result
 
 
-def evaluate_run(path: str | os.PathLike, *, split: str = "validation", max_batches: int | None = None) -> dict:
-    """Evaluate a trained run (its folder, or one checkpoint folder inside it) on ``split``."""
-    from smoe.train.checkpoint import load_checkpoint, resolve_checkpoint  # noqa: PLC0415
+def evaluate_run(
+    path: str | os.PathLike, *, split: str = "validation", max_batches: int | None = None, use_intact: bool = False
+) -> dict:
+    """Evaluate a trained run (its folder, or one checkpoint folder inside it) on ``split``.
+
+    ``use_intact``: when the checkpoint is damaged (its files differ from their checksums), evaluate the newest
+    intact checkpoint of the same run instead (otherwise a damaged one is an error naming that one).
+    """
+    from smoe.train.checkpoint import (  # noqa: PLC0415
+        checkpoint_is_intact,
+        load_checkpoint,
+        newest_intact_checkpoint,
+        resolve_checkpoint,
+    )
 
     ckpt = resolve_checkpoint(path)
+    if use_intact and ckpt.is_dir() and not checkpoint_is_intact(ckpt):
+        intact = newest_intact_checkpoint(ckpt.parent)
+        if intact is None:
+            raise ValueError(f"checkpoint {str(ckpt)!r} is damaged and its run has no intact checkpoint")
+        ckpt = intact
     # the run folder is the nearest ancestor holding config.json (a checkpoint folder sits two levels below it)
     run_dir = next((d for d in [ckpt, *ckpt.parents][:4] if (d / "config.json").is_file()), None)
     if run_dir is None:

@@ -27,12 +27,27 @@ from tqdm.auto import tqdm
 
 from smoe.analysis.routing_stats import RoutingStatsAccumulator, summarize_layers
 from smoe.routing.bias_balancing import register_bias_update_hook
-from smoe.train.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
+from smoe.train.checkpoint import (
+    atomic_write_text,
+    latest_checkpoint,
+    load_checkpoint,
+    newest_intact_checkpoint,
+    save_checkpoint,
+)
 from smoe.train.config import TrainConfig
 from smoe.train.optim import build_optimizer, build_scheduler
 from smoe.train.parallel import ParallelContext
 
-__all__ = ["Trainer", "count_parameters", "has_expert_bias"]
+__all__ = ["Trainer", "TrainingDiverged", "count_parameters", "has_expert_bias"]
+
+
+class TrainingDiverged(ValueError):
+    """A training step produced a non-finite loss or gradient (``train.on_nonfinite="stop"``), or the weights
+    became non-finite; ``step`` is the step that failed. Nothing of that step was applied or checkpointed."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
 
 
 def has_expert_bias(model: nn.Module) -> bool:
@@ -106,6 +121,7 @@ class Trainer:
             else None
         )
         self.step = 0
+        self.skipped_steps = 0  # steps whose loss or gradient was not finite (train.on_nonfinite="skip")
         self.train_time = 0.0  # seconds spent in training steps (not evaluation or checkpoints)
         self.train_tokens = 0
         # throughput: the median of per-step token rates of this process, skipping its first steps (allocator
@@ -166,17 +182,36 @@ class Trainer:
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         grad_norm = par.clip_grad_norm(self.model, max_norm)
         lr = self.optimizer.param_groups[0]["lr"]
-        par.reduce_load_counters(self.model)
-        self.optimizer.step()  # the aux-loss-free bias update runs as its pre-hook
-        self.scheduler.step()
-        self.step += 1
-        dt = time.perf_counter() - t0
-        tokens = _tokens_in(inputs, out) * par.world_size
         aux = 0.0 if out.aux_loss is None else out.aux_loss.detach()
         loss, aux = (
             par.sum_over_ranks(torch.stack([out.loss.detach().double(), torch.as_tensor(aux).double()]))
             / par.world_size
         ).tolist()
+        # every rank sees the same reduced loss and global norm, so every rank takes the same branch
+        skipped = not (math.isfinite(loss) and math.isfinite(aux) and math.isfinite(float(grad_norm)))
+        if skipped and cfg.on_nonfinite == "stop":
+            self.optimizer.zero_grad(set_to_none=True)
+            newest = latest_checkpoint(self.run_dir) if self.run_dir is not None else None
+            raise TrainingDiverged(
+                f"training diverged at step {self.step + 1}: loss={loss}, aux_loss={aux}, grad_norm={float(grad_norm)};"
+                f" the step was not applied, the newest checkpoint ({newest or 'none'}) holds finite weights. Lower "
+                f"train.lr, or pass --set train.on_nonfinite=skip to skip such steps",
+                step=self.step + 1,
+            )
+        if skipped:  # nothing of this step is applied; the data and the schedule move on
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            for m in self.model.modules():  # nor its expert loads (aux-loss-free bias counters)
+                load_E = getattr(m, "tokens_per_expert_E", None)
+                if getattr(m, "expert_bias_E", None) is not None and load_E is not None:
+                    load_E.zero_()
+        else:
+            par.reduce_load_counters(self.model)
+            self.optimizer.step()  # the aux-loss-free bias update runs as its pre-hook
+        self.scheduler.step()
+        self.step += 1
+        dt = time.perf_counter() - t0
+        tokens = _tokens_in(inputs, out) * par.world_size
         self.train_time += dt
         self.train_tokens += tokens
         self._step_rates.append(tokens / dt if dt > 0 else 0.0)
@@ -195,7 +230,7 @@ class Trainer:
             "entropy": routing["entropy"],
             "tokens": tokens,
             "step_time": dt,
-        }
+        } | ({"skipped": True} if skipped else {})
 
     @torch.no_grad()
     def evaluate(self, split: str = "validation", max_batches: int | None = None) -> dict:
@@ -262,12 +297,23 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ checkpoints
 
     def trainer_state(self) -> dict:
-        return {"train_time": self.train_time, "train_tokens": self.train_tokens, "seed": self.config.seed}
+        return {
+            "train_time": self.train_time,
+            "train_tokens": self.train_tokens,
+            "seed": self.config.seed,
+            "skipped_steps": self.skipped_steps,
+        }
 
     def save_checkpoint(self) -> pathlib.Path | None:
         """Checkpoint the current step under ``run_dir/checkpoints`` (atomic); ``None`` without a run folder."""
         if self.run_dir is None:
             return None
+        bad = [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise TrainingDiverged(
+                f"training diverged at step {self.step}: the weights are not finite ({bad[:3]}); not checkpointed",
+                step=self.step,
+            )
         return save_checkpoint(
             self.run_dir / "checkpoints",
             self.step,
@@ -279,16 +325,24 @@ class Trainer:
             parallel=self.parallel,
         )
 
-    def resume(self, path: str | os.PathLike | None = None) -> int:
+    def resume(self, path: str | os.PathLike | None = None, *, use_intact: bool = False) -> int:
         """Restore everything from a checkpoint (default: the newest in ``run_dir``); returns the restored step.
 
+        Args:
+            path: the checkpoint (``None``: the newest of ``run_dir``).
+            use_intact: without ``path``, take the newest checkpoint whose files match their checksums (a damaged
+                newest one is otherwise an error naming it).
+
         Raises:
-            ValueError: no checkpoint, or one that does not fit this model/optimizer.
+            ValueError: no checkpoint, a damaged one (:class:`~smoe.train.checkpoint.CheckpointDamaged`), or one
+                that does not fit this model/optimizer.
         """
         if path is None:
             if self.run_dir is None or latest_checkpoint(self.run_dir) is None:
                 raise ValueError(f"no checkpoint to resume from in {str(self.run_dir)!r}")
-            path = latest_checkpoint(self.run_dir)
+            path = newest_intact_checkpoint(self.run_dir) if use_intact else latest_checkpoint(self.run_dir)
+            if path is None:
+                raise ValueError(f"no intact checkpoint to resume from in {str(self.run_dir)!r}")
         state = load_checkpoint(
             path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, parallel=self.parallel
         )
@@ -296,6 +350,7 @@ class Trainer:
         trainer = state.get("trainer", {})
         self.train_time = float(trainer.get("train_time", 0.0))
         self.train_tokens = int(trainer.get("train_tokens", 0))
+        self.skipped_steps = int(trainer.get("skipped_steps", 0))
         self._truncate_log(self.step)
         return self.step
 
@@ -351,6 +406,7 @@ class Trainer:
         result.update(self.params)
         result["train_time"] = self.train_time
         result["tokens_per_s"] = self.throughput()
+        result["skipped_steps"] = self.skipped_steps
         result.update(self.parallel.describe())
         if self.run_dir is not None and self.parallel.is_main:
             atomic_write_text(self.run_dir / "final.json", json.dumps(result, indent=1))

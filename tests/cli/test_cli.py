@@ -59,9 +59,10 @@ FROZEN_FLAGS = {
         "--set",
         "--steps",
         "--tokenizer",
+        "--use-intact",
         "-h",
     ],
-    "eval": ["--batches", "--help", "--json", "--split", "-h"],
+    "eval": ["--batches", "--help", "--json", "--split", "--use-intact", "-h"],
     "bench": [
         "--backend",
         "--device",
