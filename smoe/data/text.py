@@ -184,6 +184,29 @@ def load_pydoc() -> TextSplits:
 # --------------------------------------------------------------------------------------------------- local files
 
 
+#: control characters (other than tab, newline, carriage return, form feed) a text file may hold, as a share
+MAX_CONTROL_SHARE = 0.001
+
+
+def _read_utf8_text(p: pathlib.Path) -> str:
+    """The file's text; ``ValueError`` unless it is UTF-8 and text rather than binary data."""
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{str(p)!r} is not UTF-8 text (invalid byte 0x{raw[e.start]:02x} at offset {e.start}); convert it to "
+            "UTF-8 or pass another file"
+        ) from None
+    control = sum(1 for ch in text if ord(ch) < 32 and ch not in "\t\n\r\f") + text.count("\x7f")
+    if text and control / len(text) > MAX_CONTROL_SHARE:
+        raise ValueError(
+            f"{str(p)!r} looks like binary data, not text: {control} of its {len(text)} characters are control "
+            f"characters (NUL and the like; at most {MAX_CONTROL_SHARE:.1%} allowed)"
+        )
+    return text
+
+
 def load_text_file(path: str | pathlib.Path, *, validation_fraction: float = 0.05, test_fraction: float = 0.05):
     """A local UTF-8 text file split into contiguous line ranges: train, then validation, then test.
 
@@ -195,13 +218,15 @@ def load_text_file(path: str | pathlib.Path, *, validation_fraction: float = 0.0
         ValueError: missing or unreadable file, or too little text for three non-empty splits.
     """
     p = pathlib.Path(path)
+    if p.is_dir():
+        raise ValueError(f"{str(p)!r} is a directory; expected a UTF-8 text file")
     if not p.is_file():
         raise ValueError(f"text file {str(p)!r} does not exist (expected a UTF-8 text file)")
     if not (0 < validation_fraction < 0.5 and 0 < test_fraction < 0.5):
         raise ValueError(
             f"validation_fraction ({validation_fraction}) and test_fraction ({test_fraction}) must be in (0, 0.5)"
         )
-    text = p.read_text(encoding="utf-8", errors="replace")
+    text = _read_utf8_text(p)
     if len(text) < 1000:
         raise ValueError(f"text file {str(p)!r} holds {len(text)} characters; expected at least 1000")
     n = len(text)

@@ -75,7 +75,9 @@ def top_k_choice(
         choice_TE = scores_TE if selection_bias_E is None else scores_TE + selection_bias_E
         expert_idx_TK = choice_TE.topk(top_k, dim=-1).indices
         weight_TK = scores_TE.gather(1, expert_idx_TK)
-        probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+        # the sigmoids normalised to sum to one, computed as softmax(log sigmoid): the same numbers, but finite
+        # (with finite gradients) when every sigmoid of a token underflows to 0 (logits below about -88 in float32)
+        probs_TE = F.logsigmoid(logits_TE).softmax(dim=-1)
     else:
         raise ValueError(f"score_fn must be 'softmax' or 'sigmoid', got {score_fn!r}")
     if renormalize:

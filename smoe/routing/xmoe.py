@@ -156,7 +156,7 @@ def xmoe_top_k(
     elif gating == "sigmoid":
         gates_TE = torch.sigmoid(logits_TE)
         weight_TK = gates_TE.gather(1, expert_idx_TK)
-        probs_TE = gates_TE / gates_TE.sum(dim=-1, keepdim=True)
+        probs_TE = F.logsigmoid(logits_TE).softmax(dim=-1)  # gates / sum(gates), finite when all underflow
     else:
         raise ValueError(f"gating must be 'softmax' or 'sigmoid', got {gating!r}")
     if renormalize:

@@ -250,6 +250,8 @@ class Trainer:
         extra: dict[str, float] = {}
         par = self.parallel
         with torch.random.fork_rng(devices=[]), self._autocast():
+            # evaluation is a function of the weights and the seed alone (the SMoE-VAE samples z in evaluation)
+            torch.manual_seed(self.config.seed + par.rank)
             for inputs, targets in self.data.eval_batches(split, max_batches):
                 # several processes: each takes its block of the batch's rows; a batch too small to give every
                 # rank a row is run whole on every rank (the exchanges need all of them) and counted by rank 0
