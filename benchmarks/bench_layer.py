@@ -280,8 +280,13 @@ def hf_block(layer: smoe.MoE, impl: str, dtype: torch.dtype):
         from smoe.interop import to_mixtral_block
     except ImportError:
         return None
+    # the same weights with Mixtral's routing order (the default softmax-then-top-k layer is not exportable)
+    mixtral = smoe.MoE(
+        layer.dim, layer.hidden_dim, layer.num_experts, layer.top_k, router_kwargs={"order": "topk_softmax"}
+    )
+    mixtral.load_state_dict(layer.state_dict())
     try:
-        block = to_mixtral_block(layer)
+        block = to_mixtral_block(mixtral)
     except ImportError:
         return None
     config = getattr(block.experts, "config", None)  # transformers 5.x reads it at every forward

@@ -22,6 +22,7 @@ from torch import nn
 from smoe.experts import SwiGLUExperts
 from smoe.layers.moe import MoE
 from smoe.routing.gated import GatedRouter
+from smoe.routing.token_choice import TokenChoiceRouter
 
 __all__ = ["to_mixtral_block", "from_mixtral_block"]
 
@@ -35,6 +36,33 @@ def _check_convertible(layer: MoE) -> None:
         raise ValueError(
             f"router {layer.router.name!r} has no linear gate to copy into a Mixtral block (a bias-free nn.Linear)"
         )
+    # what the block computes: softmax over the gate's logits, the top-k kept and renormalised (= a softmax over
+    # the top-k logits), every token to its k experts, no bias in the choice. Anything else would convert without
+    # a word and compute something else.
+    if not isinstance(router, TokenChoiceRouter):
+        raise ValueError(
+            f"router {router.name!r} cannot be exported to a Mixtral block, which routes by top-k token choice"
+        )
+    problems = []
+    if router.score_fn != "softmax":
+        problems.append(f"score_fn={router.score_fn!r} (Mixtral's router is a softmax)")
+    if router.order != "topk_softmax" and not router.renormalize:
+        problems.append(
+            f"order={router.order!r} without renormalize=True (Mixtral renormalises the top-k weights: use "
+            "order='topk_softmax')"
+        )
+    if router.capacity_factor is not None:
+        problems.append(f"capacity_factor={router.capacity_factor} (Mixtral drops no token)")
+    if layer.capacity_state()[1] not in (None, (None, None)):
+        problems.append("an evaluation capacity factor (Mixtral drops no token)")
+    if router.noise is not None:
+        problems.append(f"noise={router.noise!r} (Mixtral's block has no routing noise of this kind)")
+    if router.expert_bias_E is not None:
+        problems.append("expert_bias=True (a selection bias Mixtral does not have)")
+    if router.eval_top_k != router.top_k:
+        problems.append(f"eval_top_k={router.eval_top_k} differs from top_k={router.top_k}")
+    if problems:
+        raise ValueError("this layer cannot be exported to a Mixtral block: " + "; ".join(problems))
 
 
 def to_mixtral_block(layer: MoE) -> nn.Module:

@@ -12,6 +12,8 @@ k: equal in exact arithmetic, so the combine weights agree to float32 rounding (
 is set to that; the expert math is float64 on both sides.
 """
 
+import re
+
 import pytest
 import torch
 
@@ -94,3 +96,30 @@ def test_to_mixtral_block_refuses_what_mixtral_cannot_hold():
         to_mixtral_block(smoe.MoE(8, 16, 4, 2, expert="gelu"))
     with pytest.raises(ValueError, match="no linear gate"):
         to_mixtral_block(smoe.MoE(8, 16, 4, 2, router="hash"))
+
+
+@pytest.mark.parametrize(
+    "kwargs, option",
+    [
+        ({}, "order='softmax_topk' without renormalize"),  # the default token choice: softmax, then top-k
+        ({"router_kwargs": {"score_fn": "sigmoid", "order": "topk_softmax"}}, "score_fn='sigmoid'"),
+        ({"capacity_factor": 1.25, "router_kwargs": {"order": "topk_softmax"}}, "capacity_factor=1.25"),
+        ({"router": "expert_choice", "capacity_factor": 1.0}, "routes by top-k token choice"),
+        ({"router_kwargs": {"order": "topk_softmax", "noise": "gaussian"}}, "noise='gaussian'"),
+        ({"router_kwargs": {"order": "topk_softmax", "expert_bias": True}}, "expert_bias=True"),
+    ],
+)
+def test_to_mixtral_block_refuses_routing_mixtral_does_not_compute(kwargs, option):
+    with pytest.raises(ValueError, match=re.escape(option)):
+        to_mixtral_block(smoe.MoE(8, 16, 4, 2, **kwargs))
+
+
+def test_softmax_topk_with_renormalisation_is_mixtral_s_routing_and_exports():
+    torch.manual_seed(0)
+    layer = smoe.MoE(8, 16, 4, 2, router_kwargs={"renormalize": True}, dtype=F64)
+    block = to_mixtral_block(layer)
+    x = torch.randn(2, 3, 8, dtype=F64)
+    with torch.no_grad():
+        out = block(x)
+        y_hf = out[0] if isinstance(out, tuple) else out
+        torch.testing.assert_close(layer(x)[0], y_hf, atol=1e-6, rtol=1e-5)
