@@ -35,6 +35,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--routers", help="comma-separated routers/variants (default: a representative set)")
     p.add_argument("--seeds", type=positive_int, default=1, help="runs per router (default 1)")
     p.add_argument("--quick", action="store_true", help="debug preset and tiny budget, for smoke tests")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the killed study in --out: finished runs are kept, the interrupted one resumes exactly",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -56,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         overrides=run_overrides(args),
         out_dir=args.out,
         progress=not args.no_progress,
+        resume=args.resume,
     )
     result = run_study(cfg)
     print()

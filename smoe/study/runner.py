@@ -7,6 +7,7 @@ runs once per seed and the leaderboard reports means (and the spread of the qual
 
 Output folder (``runs/study-<timestamp>/`` by default)::
 
+    study.json           what the study compares (task, preset, routers, seeds, overrides): what --resume reads
     report.md            leaderboard, setup, per-layer diagnostics, plots
     leaderboard.json     the rows of the leaderboard
     results.json         every run's final metrics and curves
@@ -14,12 +15,19 @@ Output folder (``runs/study-<timestamp>/`` by default)::
     expert_load.png      per-layer expert-load heatmaps per router
     tradeoff.png         quality vs. load balance
     runs/<router>-seed<s>/   a complete run folder each (config.json, metrics.jsonl, checkpoint): `smoe eval` works
+
+A killed study continues with ``resume=True`` (``smoe study --resume --out DIR``): finished runs (``final.json``)
+are kept, the interrupted one resumes exactly from its newest checkpoint (runs checkpoint at every evaluation, the
+newest kept), and runs that had not started start. Re-running into a folder that holds an interrupted study without
+``--resume`` is refused, so no run is restarted into an old log.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
+import shutil
 import time
 import traceback
 from collections.abc import Callable
@@ -29,6 +37,7 @@ import torch
 
 from smoe.data import build_data
 from smoe.study.variants import StudyVariant, resolve_variants, variant_overrides
+from smoe.train.checkpoint import atomic_write_text, latest_checkpoint, read_json
 from smoe.train.config import TrainConfig
 from smoe.train.run import RunConfig, fit_model_to_data, resolve_run_config, write_run_config
 from smoe.train.trainer import Trainer, TrainingDiverged
@@ -51,11 +60,20 @@ def study_budget(task: str, quick: bool) -> TrainConfig:
     ``--quick`` well under 2 minutes; every field can be changed with ``--set train.FIELD=VALUE``)."""
     if task == "lm":
         if quick:
-            return TrainConfig(steps=60, batch_size=8, lr=3e-3, warmup_steps=6, eval_every=20, eval_batches=4)
-        return TrainConfig(steps=300, batch_size=16, lr=3e-3, warmup_steps=30, eval_every=50, eval_batches=16)
+            return TrainConfig(
+                steps=60, batch_size=8, lr=3e-3, warmup_steps=6, eval_every=20, eval_batches=4, **ckpt(20)
+            )
+        return TrainConfig(
+            steps=300, batch_size=16, lr=3e-3, warmup_steps=30, eval_every=50, eval_batches=16, **ckpt(50)
+        )
     if quick:
-        return TrainConfig(steps=60, batch_size=16, lr=3e-3, warmup_steps=6, eval_every=20, eval_batches=4)
-    return TrainConfig(steps=300, batch_size=64, lr=2e-3, warmup_steps=30, eval_every=50, eval_batches=16)
+        return TrainConfig(steps=60, batch_size=16, lr=3e-3, warmup_steps=6, eval_every=20, eval_batches=4, **ckpt(20))
+    return TrainConfig(steps=300, batch_size=64, lr=2e-3, warmup_steps=30, eval_every=50, eval_batches=16, **ckpt(50))
+
+
+def ckpt(every: int) -> dict:
+    """A checkpoint at every evaluation, only the newest kept: what a killed study resumes from."""
+    return {"ckpt_every": every, "keep_checkpoints": 1}
 
 
 @dataclass(kw_only=True)
@@ -71,6 +89,7 @@ class StudyConfig:
         overrides: dotted overrides (``moe.num_experts``, ``train.steps``, ``data.dataset``, ...).
         out_dir: output folder (``None``: ``runs/study-<timestamp>``).
         progress: progress bars.
+        resume: continue the interrupted study in ``out_dir`` (its ``study.json`` decides what it compares).
     """
 
     task: str = "lm"
@@ -81,6 +100,7 @@ class StudyConfig:
     overrides: dict[str, str] = field(default_factory=dict)
     out_dir: str | None = None
     progress: bool = True
+    resume: bool = False
 
     def __post_init__(self) -> None:
         if self.task not in STUDY_TASKS:
@@ -133,14 +153,22 @@ def run_study(cfg: StudyConfig, *, log: Callable[[str], None] = print) -> StudyR
     from smoe.study.report import leaderboard_rows, write_report  # noqa: PLC0415
 
     t_start = time.perf_counter()
+    cfg = _resolve_resume(cfg, log)
     preset = cfg.preset or DEFAULT_PRESETS[(cfg.task, cfg.quick)]
     base = resolve_run_config(preset, cfg.overrides, train=study_budget(cfg.task, cfg.quick))
     if base.task != cfg.task:
         raise ValueError(f"preset {preset!r} is a {base.task!r} model; the study task is {cfg.task!r}")
     variants = resolve_variants(cfg.routers, cfg.task)
     out = pathlib.Path(cfg.out_dir) if cfg.out_dir else _default_out()
-    if (out / "report.md").exists():
-        raise ValueError(f"{str(out)!r} already holds a study report; choose another --out")
+    if not cfg.resume:
+        if (out / "report.md").exists():
+            raise ValueError(f"{str(out)!r} already holds a study report; choose another --out")
+        if (out / "runs").is_dir() and any((out / "runs").iterdir()):
+            raise ValueError(
+                f"{str(out)!r} holds an interrupted study; pass --resume to continue it, or choose another --out"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "study.json", json.dumps(_study_record(cfg), indent=1))
 
     # the data is loaded once and shared by every run (each seed gets its own data order)
     data = build_data(
@@ -169,20 +197,39 @@ def run_study(cfg: StudyConfig, *, log: Callable[[str], None] = print) -> StudyR
             train_cfg = dataclasses.replace(base.train, seed=seed)
             run_dir = out / "runs" / f"{variant.name}-seed{seed}"
             run = StudyRun(variant=variant, seed=seed, run_dir=run_dir, group_mode=v_cfg.moe.group_mode)
+            if cfg.resume and (run_dir / "final.json").is_file():  # finished before the interruption: kept
+                run.final = read_json(run_dir / "final.json", "run result")
+                history = _read_history(run_dir)
+                run.curve = [(r["step"], r["loss"]) for r in history if r["split"] == "validation"]
+                run.train_curve = [(r["step"], r["loss"]) for r in history if r["split"] == "train"]
+                log(_one_line(variant.name, seed, run.final, cfg.task) + " (kept)")
+                runs.append(run)
+                continue
             try:
                 torch.manual_seed(seed)
                 model = model_class(v_cfg.task)(v_cfg)
                 run_data = data.with_seed(seed)
-                write_run_config(
-                    run_dir, RunConfig(preset=preset, model=v_cfg, train=train_cfg, data=data_cfg), run_data, changes
-                )
+                resuming = cfg.resume and latest_checkpoint(run_dir) is not None
+                if not resuming:  # a fresh start: nothing of an earlier attempt is kept or appended to
+                    for stale in ("metrics.jsonl", "error.txt"):
+                        (run_dir / stale).unlink(missing_ok=True)
+                    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+                    write_run_config(
+                        run_dir,
+                        RunConfig(preset=preset, model=v_cfg, train=train_cfg, data=data_cfg),
+                        run_data,
+                        changes,
+                    )
                 trainer = Trainer(
                     model, run_data, train_cfg, run_dir=run_dir, progress=cfg.progress, desc=f"{variant.name} s{seed}"
                 )
+                if resuming:
+                    trainer.resume()
                 run.final = trainer.fit()
-                run.curve = [(r["step"], r["loss"]) for r in trainer.history if r["split"] == "validation"]
-                run.train_curve = [(r["step"], r["loss"]) for r in trainer.history if r["split"] == "train"]
-                log(_one_line(variant.name, seed, run.final, cfg.task))
+                history = _read_history(run_dir)  # the whole run, also the part before a resume
+                run.curve = [(r["step"], r["loss"]) for r in history if r["split"] == "validation"]
+                run.train_curve = [(r["step"], r["loss"]) for r in history if r["split"] == "train"]
+                log(_one_line(variant.name, seed, run.final, cfg.task) + (" (resumed)" if resuming else ""))
             except TrainingDiverged as e:  # a visible state of its own, listed last
                 run.error = f"diverged at step {e.step}"
                 log(f"  {variant.name} seed {seed}: {run.error}")
@@ -209,6 +256,40 @@ def run_study(cfg: StudyConfig, *, log: Callable[[str], None] = print) -> StudyR
     result.files = write_report(result)
     result.wall_time = time.perf_counter() - t_start
     return result
+
+
+def _study_record(cfg: StudyConfig) -> dict:
+    return {
+        "task": cfg.task,
+        "preset": cfg.preset,
+        "routers": cfg.routers,
+        "seeds": cfg.seeds,
+        "quick": cfg.quick,
+        "overrides": cfg.overrides,
+    }
+
+
+def _resolve_resume(cfg: StudyConfig, log) -> StudyConfig:
+    """For ``resume``: the study as ``study.json`` of its folder records it (its flags win over the caller's)."""
+    if not cfg.resume:
+        return cfg
+    if not cfg.out_dir:
+        raise ValueError("--resume needs --out DIR, the folder of the study to continue")
+    path = pathlib.Path(cfg.out_dir) / "study.json"
+    if not path.is_file():
+        raise ValueError(f"cannot resume: {str(cfg.out_dir)!r} holds no study.json of an earlier study")
+    record = read_json(path, "study record")
+    saved = dataclasses.replace(cfg, **record)
+    if _study_record(cfg) != record and (cfg.routers or cfg.overrides or cfg.preset):
+        log("smoe study: --resume continues the saved study; its study.json wins over other flags")
+    return saved
+
+
+def _read_history(run_dir: pathlib.Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _one_line(name: str, seed: int, final: dict, task: str) -> str:

@@ -374,6 +374,7 @@ class Trainer:
         cfg = self.config
         if self.step == 0:  # training noise (router noise, dropout) starts from the run's seed (+ rank)
             torch.manual_seed(cfg.seed + self.parallel.rank)
+            self._truncate_log(0)  # a run that starts from scratch never appends to an earlier attempt's log
         if self.run_dir is not None and self.parallel.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         bar = tqdm(

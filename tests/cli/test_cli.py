@@ -28,6 +28,7 @@ FROZEN_FLAGS = {
         "--out",
         "--preset",
         "--quick",
+        "--resume",
         "--routers",
         "--seed",
         "--seeds",
