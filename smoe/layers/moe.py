@@ -34,6 +34,7 @@ for adaptive compute; ``train()`` restores the training capacity. Only routers t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -176,13 +177,24 @@ class MoE(nn.Module):
             _positive_int("hidden_dim", hidden_dim)
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be an integer in [1, num_experts={num_experts}], got {top_k!r}")
-        if capacity_factor is not None and not capacity_factor > 0:
-            raise ValueError(f"capacity_factor must be None (dropless) or > 0, got {capacity_factor!r}")
+        if capacity_factor is not None and not (
+            isinstance(capacity_factor, int | float)
+            and not isinstance(capacity_factor, bool)
+            and math.isfinite(capacity_factor)
+            and capacity_factor > 0
+        ):
+            raise ValueError(f"capacity_factor must be None (dropless) or a finite number > 0, got {capacity_factor!r}")
         if group_mode not in GROUP_MODES:
             raise ValueError(f"group_mode must be one of {GROUP_MODES}, got {group_mode!r}")
-        if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
+        if group_size is not None and (
+            isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
+        ):
             raise ValueError(f"group_size must be None or a positive integer, got {group_size!r}")
-        if not isinstance(shared_expert_hidden_dim, int) or shared_expert_hidden_dim < 0:
+        if (
+            isinstance(shared_expert_hidden_dim, bool)
+            or not isinstance(shared_expert_hidden_dim, int)
+            or shared_expert_hidden_dim < 0
+        ):
             raise ValueError(f"shared_expert_hidden_dim must be an integer >= 0, got {shared_expert_hidden_dim!r}")
         if shared_expert is not None and shared_expert_hidden_dim:
             raise ValueError("give shared_expert= or shared_expert_hidden_dim=, not both")
@@ -200,6 +212,11 @@ class MoE(nn.Module):
                 raise ValueError("capacity_factor / router_kwargs apply to routers built by name, not to an instance")
             self.router = router
         elif isinstance(router, str):
+            own = sorted(
+                set(router_kwargs or {}) & {"dim", "num_experts", "top_k", "capacity_factor", "device", "dtype"}
+            )
+            if own:
+                raise ValueError(f"router_kwargs may not hold {own[0]!r}: it is an argument of the MoE layer itself")
             self.router = build_router(
                 router,
                 dim=dim,

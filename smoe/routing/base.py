@@ -9,6 +9,8 @@ Shape legend: ``T`` tokens (in routing-group order), ``D`` width, ``E`` experts,
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from smoe.routing.options import check_option, integer, real, router_options
 from smoe.routing.plan import RoutingPlan
 
 __all__ = ["Router", "RouterOutput", "RoutingContext", "router_logits_fp32"]
@@ -108,6 +111,43 @@ class Router(nn.Module):
     capacity_factor: float | None = None
     #: Batch Prioritized Routing in force (routers with ``"batch_priority"`` in ``capacity_options``)
     batch_priority: bool = False
+
+    #: the options of this class's constructor and what they accept (:mod:`smoe.routing.options`); merged with
+    #: the bases' and checked before every subclass constructor runs
+    OPTIONS: ClassVar[dict] = {}
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None or getattr(init, "_checks_options", False):
+            return
+        signature = inspect.signature(init)
+        var_kw = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+
+        @functools.wraps(init)
+        def checked_init(self, *args, **kw):
+            specs = router_options(type(self))
+            try:
+                bound = signature.bind_partial(self, *args, **kw).arguments
+            except TypeError:
+                bound = dict(kw)
+            given = {k: v for k, v in bound.items() if k != "self"}
+            given.update(given.pop(var_kw, None) or {})  # options passed on to a base class are checked too
+            name = type(self).registry_name or type(self).__name__
+            for option, value in given.items():
+                if option in specs:
+                    check_option(name, option, value, specs[option])
+            init(self, *args, **kw)
+
+        checked_init._checks_options = True
+        cls.__init__ = checked_init
+
+    OPTIONS = {
+        "dim": integer(ge=1),
+        "num_experts": integer(ge=1),
+        "top_k": integer(ge=1),
+        "capacity_factor": real(gt=0, none=True),
+    }
 
     def __init__(self, *, dim: int, num_experts: int, top_k: int) -> None:
         super().__init__()

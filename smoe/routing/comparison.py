@@ -46,6 +46,7 @@ from torch import Tensor
 
 from smoe.routing.base import RouterOutput, RoutingContext
 from smoe.routing.gated import GatedRouter
+from smoe.routing.options import MIN_SCALE, choice, flag, real
 from smoe.routing.plan import sparse_plan_from_topk
 from smoe.routing.registry import register_router
 
@@ -111,6 +112,15 @@ class ComparisonRouter(GatedRouter):
         task_gradient: let the task loss also reach the gate through the combine weights (ordinary routing).
         renormalize: renormalise the K active weights.
     """
+
+    OPTIONS = {
+        "pair": choice("runner_up", "random"),
+        "comparison_weight": real(ge=0),
+        "temperature": real(ge=MIN_SCALE),
+        "label_temperature": real(ge=MIN_SCALE, none=True),
+        "task_gradient": flag(),
+        "renormalize": flag(),
+    }
 
     def __init__(
         self,

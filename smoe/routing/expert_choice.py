@@ -19,6 +19,7 @@ from torch import Tensor
 from smoe.routing.base import RouterOutput, RoutingContext
 from smoe.routing.capacity import compute_capacity
 from smoe.routing.gated import GatedRouter
+from smoe.routing.options import real
 from smoe.routing.plan import SparsePlan
 from smoe.routing.registry import register_router
 
@@ -60,6 +61,8 @@ class ExpertChoiceRouter(GatedRouter):
 
     couples_tokens = True
     capacity_options = frozenset({"capacity_factor"})
+
+    OPTIONS = {"noise_std": real(ge=0)}
 
     def __init__(self, *, noise_std: float = 0.0, balance_loss_weight: float = 0.0, **kwargs) -> None:
         super().__init__(balance_loss_weight=balance_loss_weight, **kwargs)

@@ -24,6 +24,11 @@ class ForceBalancedRouter(GatedRouter):
     """Round-robin assignment with gate-probability weights (see module docstring)."""
 
     def __init__(self, *, balance_loss_weight: float = 0.0, **kwargs) -> None:
+        if kwargs.get("capacity_factor") is not None:  # its capacity is S*K/E by construction
+            raise ValueError(
+                f"force_balanced routing gives every expert exactly S*K/E tokens; capacity_factor must be None, got "
+                f"{kwargs['capacity_factor']!r}"
+            )
         super().__init__(balance_loss_weight=balance_loss_weight, **kwargs)
 
     def forward(self, x_TD: Tensor, ctx: RoutingContext) -> RouterOutput:

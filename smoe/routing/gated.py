@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from smoe.routing.base import Router, router_logits_fp32
 from smoe.routing.losses import importance_loss, load_loss, router_z_loss, switch_balance_loss
+from smoe.routing.options import choice, flag, int_tuple, real
 
 __all__ = ["GatedRouter", "MLPGate"]
 
@@ -63,6 +64,17 @@ class GatedRouter(Router):
             call and every rank of the default process group: Megatron-Core's global auxiliary loss, for expert
             or data parallelism; :func:`~smoe.routing.losses.switch_balance_loss`).
     """
+
+    OPTIONS = {
+        "balance_loss_weight": real(ge=0),
+        "z_loss_weight": real(ge=0),
+        "importance_loss_weight": real(ge=0),
+        "load_loss_weight": real(ge=0),
+        "gate_init_std": real(ge=0),
+        "gate_hidden_dims": int_tuple(),
+        "gate_bias": flag(),
+        "balance_loss_scope": choice("group", "global"),
+    }
 
     def __init__(
         self,

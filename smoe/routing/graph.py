@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from smoe.routing.base import RouterOutput, RoutingContext
 from smoe.routing.capacity import token_choice_keep_mask
 from smoe.routing.gated import GatedRouter
+from smoe.routing.options import MIN_SCALE, choice, flag, integer, real
 from smoe.routing.plan import sparse_plan_from_topk
 from smoe.routing.registry import register_router
 
@@ -105,6 +106,8 @@ def attention_matrix(attn_probs: Tensor, batch_shape: tuple[int, int]) -> Tensor
             f"attn_probs has shape {tuple(attn_probs.shape)}; expected (B, H, L, L) or (B, L, L) with "
             f"(B, L) = {(B, L)} of the MoE input"
         )
+    if not bool(torch.isfinite(a).all()) or bool((a < 0).any()):
+        raise ValueError("attn_probs must be finite, non-negative attention probabilities (got NaN, Inf or < 0)")
     return a / a.sum(dim=-1, keepdim=True).clamp_min(1e-20)
 
 
@@ -134,6 +137,8 @@ class _GraphRouter(GatedRouter):
     """
 
     capacity_options = frozenset({"capacity_factor"})
+
+    OPTIONS = {"self_weight": real(ge=0, le=1), "mix": choice("probs", "logits"), "renormalize": flag()}
 
     def __init__(self, *, self_weight: float = 0.0, mix: str = "probs", renormalize: bool = True, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -177,6 +182,8 @@ class SimilarityAwareRouter(_GraphRouter):
         temperature: ``tau`` of the cosine-similarity softmax (0.1; unconfirmed).
         sim_dim: width of a learned projection ``W_s`` (``None``: identity, no extra parameters).
     """
+
+    OPTIONS = {"causal": flag(), "temperature": real(ge=MIN_SCALE), "sim_dim": integer(ge=1, none=True)}
 
     def __init__(
         self,

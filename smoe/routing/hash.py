@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from smoe.routing.base import Router, RouterOutput, RoutingContext
+from smoe.routing.options import integer
 from smoe.routing.plan import sparse_plan_from_topk
 from smoe.routing.registry import register_router
 
@@ -83,6 +84,8 @@ class HashRouter(Router):
     couples_tokens = False
     differentiable = False
     needs_token_ids = True
+
+    OPTIONS = {"seed": integer(ge=0)}
 
     def __init__(
         self,

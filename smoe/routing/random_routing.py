@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from smoe.routing.base import Router, RouterOutput, RoutingContext
+from smoe.routing.options import integer
 from smoe.routing.plan import sparse_plan_from_topk
 from smoe.routing.registry import register_router
 
@@ -45,6 +46,8 @@ class RandomRouter(Router):
 
     couples_tokens = False
     differentiable = False
+
+    OPTIONS = {"seed": integer(ge=0)}
 
     def __init__(
         self,

@@ -7,6 +7,7 @@ presets and the contract tests can treat them alike.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 from smoe.registry import Registry
@@ -57,15 +58,32 @@ def build_router(
 ) -> Router:
     """Instantiate the router ``name`` with the common arguments plus router-specific ``router_kwargs``."""
     cls = get_router(name)
-    try:
-        return cls(
-            dim=dim,
-            num_experts=num_experts,
-            top_k=top_k,
-            capacity_factor=capacity_factor,
-            device=device,
-            dtype=dtype,
-            **router_kwargs,
-        )
-    except TypeError as e:  # an unknown router option: say which router refused it
-        raise ValueError(f"router {name!r}: {e}") from None
+    known = router_parameters(cls)
+    unknown = sorted(set(router_kwargs) - known)
+    if unknown:  # say which option, and what the router has, before anything runs
+        options = ", ".join(sorted(known - {"dim", "num_experts", "top_k", "capacity_factor", "device", "dtype"}))
+        raise ValueError(f"router {name!r} has no option {unknown[0]!r}; its options: {options or 'none'}")
+    return cls(
+        dim=dim,
+        num_experts=num_experts,
+        top_k=top_k,
+        capacity_factor=capacity_factor,
+        device=device,
+        dtype=dtype,
+        **router_kwargs,
+    )
+
+
+def router_parameters(cls: type) -> set[str]:
+    """Every keyword the constructor of router class ``cls`` takes (its own and those it passes to its bases)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None or klass is object or not issubclass(klass, Router):
+            continue
+        init = getattr(init, "__wrapped__", init)
+        params = inspect.signature(init).parameters.values()
+        names |= {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "self"}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break  # it passes nothing further up
+    return names

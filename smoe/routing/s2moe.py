@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from smoe.routing.base import RouterOutput, RoutingContext, router_logits_fp32
 from smoe.routing.gated import GatedRouter
+from smoe.routing.options import MIN_SCALE, choice, flag, integer, real
 from smoe.routing.plan import SparsePlan, sparse_plan_from_topk
 from smoe.routing.registry import register_router
 from smoe.routing.token_choice import top_k_choice
@@ -109,6 +110,16 @@ class S2MoERouter(GatedRouter):
         nce_temperature: InfoNCE temperature.
         nce_max_tokens: InfoNCE uses a random subset of at most this many tokens (its memory is quadratic).
     """
+
+    OPTIONS = {
+        "noise_scale": real(ge=0),
+        "noise_stats": choice("token", "group"),
+        "eval_top_k": integer(ge=1),
+        "renormalize": flag(),
+        "uncertainty_loss_weight": real(ge=0),
+        "nce_temperature": real(ge=MIN_SCALE),
+        "nce_max_tokens": integer(ge=1),
+    }
 
     def __init__(
         self,

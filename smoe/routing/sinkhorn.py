@@ -60,6 +60,7 @@ from smoe.routing.base import RouterOutput, RoutingContext
 from smoe.routing.capacity import compute_capacity, token_choice_keep_mask
 from smoe.routing.expert_choice import expert_choice_plan
 from smoe.routing.gated import GatedRouter
+from smoe.routing.options import MIN_SCALE, choice, flag, integer, real
 from smoe.routing.plan import SparsePlan, sparse_plan_from_topk
 from smoe.routing.registry import register_router
 
@@ -181,6 +182,17 @@ class SinkhornRouter(GatedRouter):
 
     couples_tokens = True
     capacity_options = frozenset({"capacity_factor"})
+
+    OPTIONS = {
+        "variant": choice("token_choice", "expert_choice"),
+        "epsilon": real(ge=MIN_SCALE),
+        "num_iters": integer(ge=1),
+        "tol": real(ge=0, none=True),
+        "score_fn": choice("softmax", "sigmoid"),
+        "renormalize": flag(),
+        "eval_sinkhorn": flag(),
+        "noise_std": real(ge=0),
+    }
 
     def __init__(
         self,

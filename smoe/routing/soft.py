@@ -80,6 +80,7 @@ from torch import Tensor, nn
 
 from smoe.routing.base import Router, RouterOutput, RoutingContext
 from smoe.routing.capacity import compute_capacity
+from smoe.routing.options import integer, real
 from smoe.routing.plan import DensePlan
 from smoe.routing.registry import register_router
 
@@ -161,6 +162,12 @@ class SoftMoERouter(Router):
 
     couples_tokens = True
     plan_kind = "dense"
+
+    OPTIONS = {
+        "num_slots": integer(ge=1, none=True),
+        "tokens_per_group": integer(ge=1, none=True),
+        "noise_std": real(ge=0),
+    }
 
     def __init__(
         self,

@@ -62,6 +62,7 @@ from smoe.routing.base import RouterOutput, RoutingContext
 from smoe.routing.capacity import compute_capacity, token_choice_keep_mask
 from smoe.routing.expert_choice import expert_choice_plan
 from smoe.routing.gated import GatedRouter
+from smoe.routing.options import MIN_SCALE, choice, integer, real
 from smoe.routing.plan import sparse_plan_from_topk
 from smoe.routing.registry import register_router
 
@@ -223,6 +224,14 @@ class SparsityConstrainedRouter(GatedRouter):
 
     couples_tokens = True
     capacity_options = frozenset({"capacity_factor"})
+
+    OPTIONS = {
+        "variant": choice("expert_choice", "token_choice"),
+        "gamma": real(ge=MIN_SCALE),
+        "num_iters": integer(ge=1),
+        "lr": real(gt=0),
+        "noise_std": real(ge=0),
+    }
 
     def __init__(
         self,

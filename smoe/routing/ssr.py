@@ -62,6 +62,7 @@ from torch import Tensor
 from smoe.routing.base import RouterOutput, RoutingContext
 from smoe.routing.capacity import token_choice_keep_mask
 from smoe.routing.gated import GatedRouter
+from smoe.routing.options import MIN_SCALE, choice, flag, integer, real
 from smoe.routing.plan import sparse_plan_from_topk
 from smoe.routing.registry import register_router
 from smoe.routing.sinkhorn import check_sinkhorn_options, sinkhorn_plan
@@ -99,6 +100,18 @@ class SSRRouter(GatedRouter):
         grad_through_plan: differentiate the OT-row gates through the plan (default ``True``).
         renormalize: renormalise the softmax-branch top-k weights (default ``True``).
     """
+
+    OPTIONS = {
+        "fraction": real(ge=0, le=1),
+        "select": choice("steps", "tokens"),
+        "token_rule": choice("random", "low_confidence"),
+        "cost": choice("softmax", "logits"),
+        "epsilon": real(ge=MIN_SCALE),
+        "num_iters": integer(ge=1),
+        "tol": real(ge=0),
+        "grad_through_plan": flag(),
+        "renormalize": flag(),
+    }
 
     def __init__(
         self,

@@ -28,6 +28,7 @@ from torch import Tensor
 from smoe.routing.base import RouterOutput, RoutingContext
 from smoe.routing.capacity import token_choice_keep_mask
 from smoe.routing.gated import GatedRouter
+from smoe.routing.options import choice, flag, integer, real
 from smoe.routing.plan import sparse_plan_from_topk
 from smoe.routing.registry import register_router
 
@@ -104,6 +105,20 @@ class TokenChoiceRouter(GatedRouter):
     """
 
     capacity_options = frozenset({"capacity_factor", "batch_priority"})
+
+    OPTIONS = {
+        "score_fn": choice("softmax", "sigmoid"),
+        "order": choice("softmax_topk", "topk_softmax"),
+        "renormalize": flag(),
+        "noise": choice("gaussian", "jitter", none=True),
+        "noise_std": real(ge=0),
+        "jitter_eps": real(ge=0, lt=1),
+        "batch_priority": flag(),
+        "capacity_rounding": choice("ceil", "round"),
+        "capacity_multiple_of": integer(ge=1),
+        "expert_bias": flag(),
+        "eval_top_k": integer(ge=1, none=True),
+    }
 
     def __init__(
         self,

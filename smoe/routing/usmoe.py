@@ -38,6 +38,7 @@ from torch import Tensor
 
 from smoe.routing.base import RouterOutput, RoutingContext
 from smoe.routing.gated import GatedRouter
+from smoe.routing.options import flag, real
 from smoe.routing.plan import SparsePlan
 from smoe.routing.registry import register_router
 
@@ -99,6 +100,8 @@ class USMoERouter(GatedRouter):
     """
 
     couples_tokens = True
+
+    OPTIONS = {"rate": real(ge=0, le=1), "budget": real(gt=0, le=1), "renormalize": flag()}
 
     def __init__(
         self,

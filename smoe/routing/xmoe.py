@@ -77,6 +77,7 @@ from torch import Tensor, nn
 from smoe.routing.base import Router, RouterOutput, RoutingContext
 from smoe.routing.capacity import capacity_keep_mask, compute_capacity
 from smoe.routing.losses import switch_balance_loss
+from smoe.routing.options import MIN_SCALE, choice, flag, integer, real
 from smoe.routing.plan import sparse_plan_from_topk
 from smoe.routing.registry import register_router
 
@@ -209,6 +210,19 @@ class XMoERouter(Router):
         device: parameter device.
         dtype: parameter dtype (the math runs in float32).
     """
+
+    OPTIONS = {
+        "variant": choice("paper", "torchscale"),
+        "routing_dim": integer(ge=1, none=True),
+        "gating": choice("softmax", "sigmoid"),
+        "temperature_init": real(ge=MIN_SCALE, none=True),
+        "learn_temperature": flag(none=True),
+        "min_temperature": real(ge=MIN_SCALE),
+        "balance_temperature": real(ge=MIN_SCALE, none=True),
+        "balance_loss_weight": real(ge=0),
+        "renormalize": flag(none=True),
+        "second_expert_policy": choice("all", "random", none=True),
+    }
 
     def __init__(
         self,
