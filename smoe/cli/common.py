@@ -89,6 +89,13 @@ def add_run_flags(p: argparse.ArgumentParser, *, default_preset: str | None) -> 
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (router math stays float32)")
     p.add_argument("--out", metavar="DIR", help="output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_device_flags(p)
+
+
+def add_device_flags(p: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--threads`` (train, study, eval)."""
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
+    p.add_argument("--threads", type=positive_int, help="CPU threads for PyTorch (default: PyTorch's choice)")
 
 
 def run_overrides(args: argparse.Namespace) -> dict[str, str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from smoe.cli.common import non_negative_int
+from smoe.cli.common import add_device_flags, non_negative_int
 
 EPILOG = """examples:
   smoe eval runs/lm                                   # newest checkpoint of a run, validation split
@@ -29,6 +29,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("validation", "test"), default="validation", help="split to evaluate")
     p.add_argument("--batches", type=non_negative_int, help="evaluation batches (0 = whole split; default: the run's)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    add_device_flags(p)
     p.add_argument(
         "--use-intact",
         action="store_true",
@@ -39,9 +40,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from smoe.train.device import resolve_device, set_threads  # noqa: PLC0415
     from smoe.train.run import evaluate_run  # noqa: PLC0415
 
-    result = evaluate_run(args.checkpoint, split=args.split, max_batches=args.batches, use_intact=args.use_intact)
+    set_threads(args.threads)
+    result = evaluate_run(
+        args.checkpoint,
+        split=args.split,
+        max_batches=args.batches,
+        use_intact=args.use_intact,
+        device=resolve_device(args.device),
+    )
     if args.json:
         print(json.dumps(result, indent=1))
         return 0

@@ -46,7 +46,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from smoe.study import StudyConfig, format_leaderboard, run_study  # noqa: PLC0415
+    from smoe.train.device import set_threads  # noqa: PLC0415
 
+    set_threads(args.threads)
     routers = None
     if args.routers is not None:
         routers = [r.strip() for r in args.routers.split(",") if r.strip()]
@@ -62,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         out_dir=args.out,
         progress=not args.no_progress,
         resume=args.resume,
+        device=args.device,
     )
     result = run_study(cfg)
     print()

@@ -124,7 +124,8 @@ def launch(args: argparse.Namespace, nproc: int, out: pathlib.Path) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from smoe.train.parallel import init_parallel, launched_by_torchrun  # noqa: PLC0415 - keep `smoe --help` fast
+    from smoe.train.device import resolve_device, set_threads  # noqa: PLC0415 - keep `smoe --help` fast
+    from smoe.train.parallel import init_parallel, launched_by_torchrun  # noqa: PLC0415
     from smoe.train.run import resolve_run_config, train_run  # noqa: PLC0415
 
     if args.resume and not args.out:
@@ -143,7 +144,14 @@ def run(args: argparse.Namespace) -> int:
             run_cfg = load_run_config(out)[0] if args.resume else resolve_run_config(args.preset, overrides)
             check_parallel_run(run_cfg, nproc, args.expert_parallel)
             return launch(args, nproc, out)
-    parallel = init_parallel(args.expert_parallel, timeout_s=args.dist_timeout)
+    device = resolve_device(args.device)
+    set_threads(args.threads)
+    if device.type == "cuda":
+        import torch  # noqa: PLC0415
+
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    parallel = init_parallel(args.expert_parallel, timeout_s=args.dist_timeout, backend=backend)
     if parallel.distributed and not args.out:
         raise ValueError("a run on several processes needs --out DIR (every rank writes into the same folder)")
     if args.resume:
@@ -156,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             parallel=parallel,  # type: ignore[arg-type]
             use_intact=args.use_intact,
+            device=device,
         )
     else:
         exists = (out / "config.json").exists()
@@ -163,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
         if exists:
             raise ValueError(f"{str(out)!r} already holds a run; pass --resume to continue it or choose another --out")
         run_cfg = resolve_run_config(args.preset, overrides)
-        result = train_run(run_cfg, out, progress=not args.no_progress, parallel=parallel)
+        result = train_run(run_cfg, out, progress=not args.no_progress, parallel=parallel, device=device)
     if parallel.distributed:  # (after a failed exchange the process just exits: its group cannot shut down cleanly)
         import torch.distributed as dist  # noqa: PLC0415
 

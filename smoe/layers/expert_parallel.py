@@ -109,7 +109,8 @@ def gather_expert_state(model: nn.Module, state: dict[str, Tensor]) -> dict[str,
             shape, dtype = union[key]
             t = mine.get(key)
             if t is None:
-                t = torch.zeros(shape, dtype=_dtype(dtype))
+                device = next(iter(mine.values())).device if mine else torch.device("cpu")
+                t = torch.zeros(shape, dtype=_dtype(dtype), device=device)
             stacked = _STACKED.search(key) is not None
             if stacked and t.dim() == 0:
                 out[prefix + key] = t

@@ -39,6 +39,7 @@ from smoe.data import build_data
 from smoe.study.variants import StudyVariant, resolve_variants, variant_overrides
 from smoe.train.checkpoint import atomic_write_text, latest_checkpoint, read_json
 from smoe.train.config import TrainConfig
+from smoe.train.device import resolve_device
 from smoe.train.run import RunConfig, fit_model_to_data, resolve_run_config, write_run_config
 from smoe.train.trainer import Trainer, TrainingDiverged
 
@@ -90,6 +91,7 @@ class StudyConfig:
         out_dir: output folder (``None``: ``runs/study-<timestamp>``).
         progress: progress bars.
         resume: continue the interrupted study in ``out_dir`` (its ``study.json`` decides what it compares).
+        device: where every run trains (``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``).
     """
 
     task: str = "lm"
@@ -101,6 +103,7 @@ class StudyConfig:
     out_dir: str | None = None
     progress: bool = True
     resume: bool = False
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.task not in STUDY_TASKS:
@@ -154,6 +157,7 @@ def run_study(cfg: StudyConfig, *, log: Callable[[str], None] = print) -> StudyR
 
     t_start = time.perf_counter()
     cfg = _resolve_resume(cfg, log)
+    device = resolve_device(cfg.device)
     preset = cfg.preset or DEFAULT_PRESETS[(cfg.task, cfg.quick)]
     base = resolve_run_config(preset, cfg.overrides, train=study_budget(cfg.task, cfg.quick))
     if base.task != cfg.task:
@@ -221,7 +225,13 @@ def run_study(cfg: StudyConfig, *, log: Callable[[str], None] = print) -> StudyR
                         changes,
                     )
                 trainer = Trainer(
-                    model, run_data, train_cfg, run_dir=run_dir, progress=cfg.progress, desc=f"{variant.name} s{seed}"
+                    model,
+                    run_data,
+                    train_cfg,
+                    run_dir=run_dir,
+                    progress=cfg.progress,
+                    desc=f"{variant.name} s{seed}",
+                    device=device,
                 )
                 if resuming:
                     trainer.resume()

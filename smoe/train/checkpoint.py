@@ -183,6 +183,8 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     py_version, py_state, py_gauss = random.getstate()
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # router noise / dropout drawn on the GPU
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
     meta = {
         "python": [py_version, list(py_state), py_gauss],
         "numpy": [np_name, np.asarray(np_keys).tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],
@@ -192,6 +194,8 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
 
 def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
     version, state, gauss = meta["python"]
     random.setstate((version, tuple(state), gauss))
     name, keys, pos, has_gauss, cached = meta["numpy"]
@@ -239,7 +243,7 @@ def _optimizer_state_by_name(
         by_name = per_key.get(key, {})
         if parallel is not None:
             by_name = parallel.global_state(model, by_name)
-        tensors.update({f"optim.{name}.{key}": t.contiguous() for name, t in by_name.items()})
+        tensors.update({f"optim.{name}.{key}": t.cpu().contiguous() for name, t in by_name.items()})
     # the groups' hyperparameters; which parameter is in which group is the loading optimizer's own business
     groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     return tensors, {"param_groups": groups, "scalars": scalars}
@@ -299,7 +303,7 @@ def _model_state(model: nn.Module, parallel=None) -> dict[str, torch.Tensor]:
         out[name] = t.detach()
     if parallel is not None:
         out = parallel.global_state(model, out)
-    return {k: v.contiguous() for k, v in out.items()}
+    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
 
 def _complete_tied(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -167,7 +167,8 @@ class ParallelContext:
             return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         rep = [p.grad for p in self.replicated_parameters(model) if p.grad is not None]
         exp = [p.grad for p in self.expert_parameters(model) if p.grad is not None]
-        sq = torch.zeros(2, dtype=torch.float64)
+        device = (rep + exp)[0].device if rep + exp else torch.device("cpu")
+        sq = torch.zeros(2, dtype=torch.float64, device=device)
         for i, gs in enumerate((rep, exp)):
             if gs:
                 sq[i] = torch.stack([g.detach().double().pow(2).sum() for g in gs]).sum()

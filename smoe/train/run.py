@@ -208,6 +208,7 @@ def train_run(
     desc: str = "train",
     parallel=None,
     use_intact: bool = False,
+    device=None,
 ) -> dict:
     """Train ``run`` into ``run_dir`` (``resume=True`` continues from its newest checkpoint); returns final metrics.
 
@@ -241,7 +242,15 @@ def train_run(
         if not resume:
             write_run_config(run_dir, run, data, changes)
     trainer = Trainer(
-        model, data, run.train, run_dir=run_dir, progress=progress, on_step=on_step, desc=desc, parallel=parallel
+        model,
+        data,
+        run.train,
+        run_dir=run_dir,
+        progress=progress,
+        on_step=on_step,
+        desc=desc,
+        parallel=parallel,
+        device=device,
     )
     if resume:
         trainer.resume(use_intact=use_intact)
@@ -251,7 +260,12 @@ def train_run(
 
 
 def evaluate_run(
-    path: str | os.PathLike, *, split: str = "validation", max_batches: int | None = None, use_intact: bool = False
+    path: str | os.PathLike,
+    *,
+    split: str = "validation",
+    max_batches: int | None = None,
+    use_intact: bool = False,
+    device=None,
 ) -> dict:
     """Evaluate a trained run (its folder, or one checkpoint folder inside it) on ``split``.
 
@@ -278,7 +292,7 @@ def evaluate_run(
     run, tokenizer_state = load_run_config(run_dir)
     model, data, run, _ = prepare_run(run, tokenizer_state=tokenizer_state)
     state = load_checkpoint(ckpt, model=model, restore_rng=False)
-    trainer = Trainer(model, data, run.train, run_dir=None, progress=False)
+    trainer = Trainer(model, data, run.train, run_dir=None, progress=False, device=device)
     trainer.step = int(state.get("step", 0))
     result = trainer.evaluate(split, max_batches)
     result.update(trainer.params)

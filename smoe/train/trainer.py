@@ -85,6 +85,8 @@ class Trainer:
         on_step: called as ``on_step(trainer, record)`` after every step's record is logged (tests use it to
             simulate a crash).
         desc: progress-bar label.
+        device: where to train (a ``torch.device`` or its name; default CPU): the model is moved there, batches
+            follow, autocast uses its type.
         parallel: where this process stands in a run on several processes (:mod:`smoe.train.parallel`); the
             model's experts are sharded and its replicated parameters wrapped in DDP here. Every rank builds the
             same model and calls the same methods; only rank 0 shows progress and writes files.
@@ -101,8 +103,11 @@ class Trainer:
         on_step: Callable[[Trainer, dict], None] | None = None,
         desc: str = "train",
         parallel: ParallelContext | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         self.parallel = parallel if parallel is not None else ParallelContext()
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        model.to(self.device)
         if config.batch_size % self.parallel.world_size:
             raise ValueError(
                 f"train.batch_size={config.batch_size} must be divisible by the number of processes "
@@ -164,7 +169,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ steps
 
     def _autocast(self):
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
 
     def train_step(self) -> dict:
         """One optimizer step on the batch of the current step; returns its record."""
@@ -172,7 +177,7 @@ class Trainer:
         t0 = time.perf_counter()
         par = self.parallel
         self.model.train()
-        inputs, targets = par.shard_batch(*self.data.train_batch(self.step))
+        inputs, targets = par.shard_batch(*(t.to(self.device) for t in self.data.train_batch(self.step)))
         with self._autocast():
             out = self.train_model(inputs, targets)
             total = out.total_loss
@@ -184,7 +189,9 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         aux = 0.0 if out.aux_loss is None else out.aux_loss.detach()
         loss, aux = (
-            par.sum_over_ranks(torch.stack([out.loss.detach().double(), torch.as_tensor(aux).double()]))
+            par.sum_over_ranks(
+                torch.stack([out.loss.detach().double(), torch.as_tensor(aux, device=out.loss.device).double()])
+            )
             / par.world_size
         ).tolist()
         # every rank sees the same reduced loss and global norm, so every rank takes the same branch
@@ -249,10 +256,12 @@ class Trainer:
         loss_sum = aux_sum = correct = count = 0.0
         extra: dict[str, float] = {}
         par = self.parallel
-        with torch.random.fork_rng(devices=[]), self._autocast():
+        cuda = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda), self._autocast():
             # evaluation is a function of the weights and the seed alone (the SMoE-VAE samples z in evaluation)
             torch.manual_seed(self.config.seed + par.rank)
             for inputs, targets in self.data.eval_batches(split, max_batches):
+                inputs, targets = inputs.to(self.device), targets.to(self.device)
                 # several processes: each takes its block of the batch's rows; a batch too small to give every
                 # rank a row is run whole on every rank (the exchanges need all of them) and counted by rank 0
                 counted = True
@@ -277,7 +286,9 @@ class Trainer:
         self.model.train(was_training)
         if par.distributed:  # the sums over every rank's rows
             keys = sorted(extra)
-            sums = par.sum_over_ranks(torch.tensor([loss_sum, aux_sum, correct, count, *(extra[k] for k in keys)]))
+            sums = par.sum_over_ranks(
+                torch.tensor([loss_sum, aux_sum, correct, count, *(extra[k] for k in keys)], device=self.device)
+            )
             loss_sum, aux_sum, correct, count = sums[:4].tolist()
             extra = dict(zip(keys, sums[4:].tolist()))
         if count == 0:
