@@ -95,5 +95,16 @@ __all__ = [
     "build_model",
     "list_presets",
     "get_preset",
+    "load_run",
+    "LoadedRun",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    """``smoe.load_run`` / ``smoe.LoadedRun`` without importing the training stack at ``import smoe``."""
+    if name in ("load_run", "LoadedRun"):
+        from smoe.train import load  # noqa: PLC0415
+
+        return getattr(load, name)
+    raise AttributeError(f"module 'smoe' has no attribute {name!r}")

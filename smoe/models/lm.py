@@ -11,6 +11,8 @@ by default). The MoE layers are built with ``causal=True``: a router that makes 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -130,6 +132,51 @@ class MoELM(AccountingMixin, nn.Module):
     def context_length(self) -> int:
         """Attention context used by the FLOP count: the configured ``seq_len``."""
         return self.config.seq_len
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx_BL: Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Continue ``idx_BL`` by ``max_new_tokens`` sampled tokens (no KV cache: each step reruns the last
+        ``seq_len`` tokens, which is fine at the sizes this library trains).
+
+        Args:
+            idx_BL: ``(B, L)`` int64 prompt ids (``L >= 1``).
+            max_new_tokens: tokens to add.
+            temperature: ``> 0``; logits are divided by it (``0`` is not allowed: use ``top_k=1`` for greedy).
+            top_k: sample among the ``top_k`` most likely tokens only (``None``: all).
+            generator: the random generator of the sampling (``None``: the global one).
+
+        Returns:
+            ``(B, L + max_new_tokens)`` ids. The model is left in the mode it was in.
+        """
+        if idx_BL.dim() != 2 or idx_BL.dtype != torch.long or idx_BL.shape[1] < 1:
+            raise ValueError(f"idx_BL must be a (B, L >= 1) int64 tensor, got {tuple(idx_BL.shape)} {idx_BL.dtype}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        V = self.config.vocab_size
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= V):
+            raise ValueError(f"top_k must be None or an integer in [1, vocab_size={V}], got {top_k!r}")
+        was_training = self.training
+        self.eval()
+        out = idx_BL
+        for _ in range(max_new_tokens):
+            logits_BV = self(out[:, -self.config.seq_len :]).logits[:, -1, :].float() / temperature
+            if top_k is not None:
+                kth = logits_BV.topk(top_k, dim=-1).values[:, -1:]
+                logits_BV = logits_BV.masked_fill(logits_BV < kth, -math.inf)
+            next_B1 = torch.multinomial(logits_BV.softmax(dim=-1), 1, generator=generator)
+            out = torch.cat([out, next_B1], dim=1)
+        self.train(was_training)
+        return out
 
     def _accounting(self) -> dict[str, float]:
         per_token = transformer_flops_per_token(self.trunk, context_len=self.config.seq_len)

@@ -8,6 +8,7 @@ Run folder layout::
     <run>/metrics.jsonl    one JSON record per training step and per evaluation
     <run>/checkpoints/step-XXXXXXXX/{model.safetensors, optimizer.safetensors, state.json}
     <run>/final.json       the final validation metrics, throughput and parameter counts
+    <run>/reconstructions.png, samples.png   SMoE-VAE runs: reconstructions, and samples from every decoder
 
 Dotted overrides (``--set``) go to the right config by prefix: ``train.*`` to :class:`TrainConfig`, ``data.*`` to
 :class:`~smoe.data.DataConfig`, everything else (``moe.top_k``, ``dim``, ...) to the model config through
@@ -255,6 +256,10 @@ def train_run(
     if resume:
         trainer.resume(use_intact=use_intact)
     result = trainer.fit()
+    if run.task == "vae" and run_dir is not None and (parallel is None or parallel.is_main):
+        from smoe.analysis.vae_images import write_vae_images  # noqa: PLC0415 - matplotlib only when needed
+
+        result["images"] = {k: str(v) for k, v in write_vae_images(model, data, run_dir, seed=run.train.seed).items()}
     result["history"] = trainer.history
     return result
 

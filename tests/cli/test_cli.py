@@ -68,6 +68,7 @@ FROZEN_FLAGS = {
         "-h",
     ],
     "eval": ["--batches", "--device", "--help", "--json", "--split", "--threads", "--use-intact", "-h"],
+    "generate": ["--device", "--help", "--prompt", "--seed", "--temperature", "--threads", "--tokens", "--top-k", "-h"],
     "bench": [
         "--backend",
         "--device",
