@@ -25,6 +25,8 @@ EPILOG = """examples:
   smoe train --preset lm_small --data notes.txt --tokenizer bpe    # your own text file, BPE trained offline
   smoe train --preset vit_small --dataset fashion_mnist --steps 300
   smoe train --out runs/lm --resume                                # continue a killed run exactly
+  smoe train --out runs/lm --resume --steps 400                    # train a finished run on, to 400 steps
+  smoe train --preset lm_small --init-from runs/lm --out runs/ft --data notes.txt   # fine-tune trained weights
   smoe train --preset lm_small --expert-parallel 2 --out runs/ep   # experts sharded over 2 processes
   torchrun --nproc-per-node 4 -m smoe train --expert-parallel 2 ...  # 2 expert groups of 2 ranks (DDP over 4)
   smoe train --out runs/ep --resume --nproc 1                      # resume a 2-process run in one process
@@ -44,6 +46,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=non_negative_int, help="evaluate every N steps (train.eval_every; 0 = end)")
     p.add_argument("--ckpt-every", type=non_negative_int, help="checkpoint every N steps (train.ckpt_every; 0 = end)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    p.add_argument(
+        "--init-from",
+        metavar="RUN_OR_CHECKPOINT",
+        help="start this new run from the weights of a trained run or checkpoint (same model; a fresh optimizer)",
+    )
     p.add_argument(
         "--use-intact",
         action="store_true",
@@ -155,8 +162,11 @@ def run(args: argparse.Namespace) -> int:
     if parallel.distributed and not args.out:
         raise ValueError("a run on several processes needs --out DIR (every rank writes into the same folder)")
     if args.resume:
-        if (overrides or args.preset != "lm_small") and parallel.is_main:
-            print("smoe train: --resume continues the saved run; its config.json wins over other flags")
+        if args.init_from:
+            raise ValueError("--init-from starts a new run; a resumed run continues from its own checkpoint")
+        others = {k: v for k, v in overrides.items() if k != "train.steps"}
+        if (others or args.preset != "lm_small") and parallel.is_main:
+            print("smoe train: --resume continues the saved run; its config.json wins over flags other than --steps")
         result = train_run(
             None,
             out,
@@ -165,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
             parallel=parallel,  # type: ignore[arg-type]
             use_intact=args.use_intact,
             device=device,
+            extend_to=args.steps,
         )
     else:
         exists = (out / "config.json").exists()
@@ -172,7 +183,9 @@ def run(args: argparse.Namespace) -> int:
         if exists:
             raise ValueError(f"{str(out)!r} already holds a run; pass --resume to continue it or choose another --out")
         run_cfg = resolve_run_config(args.preset, overrides)
-        result = train_run(run_cfg, out, progress=not args.no_progress, parallel=parallel, device=device)
+        result = train_run(
+            run_cfg, out, progress=not args.no_progress, parallel=parallel, device=device, init_from=args.init_from
+        )
     if parallel.distributed:  # (after a failed exchange the process just exits: its group cannot shut down cleanly)
         import torch.distributed as dist  # noqa: PLC0415
 

@@ -210,6 +210,8 @@ def train_run(
     parallel=None,
     use_intact: bool = False,
     device=None,
+    extend_to: int | None = None,
+    init_from: str | os.PathLike | None = None,
 ) -> dict:
     """Train ``run`` into ``run_dir`` (``resume=True`` continues from its newest checkpoint); returns final metrics.
 
@@ -217,6 +219,12 @@ def train_run(
 
     Resuming reads ``config.json`` and ``tokenizer.json`` of the folder, so the resumed run is the same run even if
     the caller's flags differ; the newest checkpoint then restores model, optimizer, scheduler and RNG states.
+
+    ``extend_to`` (with ``resume``) raises the run's ``train.steps`` to this many, so a finished run trains on; the
+    warm-up + cosine schedule is then that of the new total (the learning rate at the resumed step is the longer
+    schedule's, higher than the decayed value the shorter one reached), and ``config.json`` records the change.
+    ``init_from`` (a new run) starts from the weights of another run or checkpoint (same model configuration; the
+    optimizer starts fresh), recorded in ``config.json``.
 
     ``parallel`` (a :class:`~smoe.train.parallel.ParallelContext`) trains on several processes: every rank calls
     this with the same arguments; rank 0 writes the run folder. A checkpoint written by any number of ranks
@@ -228,8 +236,14 @@ def train_run(
         if run_dir is None or not (run_dir / "config.json").exists():
             raise ValueError(f"cannot resume: {str(run_dir)!r} holds no config.json of an earlier run")
         run, tokenizer_state = load_run_config(run_dir)
+        if extend_to is not None:
+            run = _extended(run, run_dir, extend_to, parallel)
+    elif extend_to is not None:
+        raise ValueError("extend_to (--steps with --resume) continues an earlier run: it needs resume=True")
     if run is None:
         raise ValueError("train_run needs a RunConfig unless resume=True")
+    if init_from is not None and resume:
+        raise ValueError("init_from starts a new run from trained weights; a resumed run has its own")
     model, data, run, changes = prepare_run(run, tokenizer_state=tokenizer_state)
     distributed = parallel is not None and parallel.distributed
     moe_cfg = getattr(run.model, "moe", None)
@@ -238,6 +252,12 @@ def train_run(
             f"moe.dispatcher={moe_cfg.dispatcher!r}: a run on several processes builds its model with the "
             "local dispatcher and shards the experts itself; choose the expert-parallel size with --expert-parallel"
         )
+    if init_from is not None:
+        from smoe.train.checkpoint import load_model_weights, resolve_checkpoint  # noqa: PLC0415
+
+        source = resolve_checkpoint(init_from)
+        load_model_weights(model, source if source.is_file() else source / "model.safetensors")
+        changes = dict(changes, init_from=str(source))
     if run_dir is not None and (parallel is None or parallel.is_main):
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
@@ -262,6 +282,25 @@ def train_run(
         result["images"] = {k: str(v) for k, v in write_vae_images(model, data, run_dir, seed=run.train.seed).items()}
     result["history"] = trainer.history
     return result
+
+
+def _extended(run: RunConfig, run_dir: pathlib.Path, steps: int, parallel) -> RunConfig:
+    """``run`` with ``train.steps = steps`` (no fewer than the newest checkpoint's step); ``config.json`` updated."""
+    from smoe.train.checkpoint import latest_checkpoint  # noqa: PLC0415
+
+    newest = latest_checkpoint(run_dir)
+    done = int(read_json(newest / "state.json", "checkpoint state")["step"]) if newest is not None else 0
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < done:
+        raise ValueError(f"--steps {steps!r} with --resume must be >= the {done} steps the run has done")
+    if steps == run.train.steps:
+        return run
+    extended = dataclasses.replace(run, train=dataclasses.replace(run.train, steps=steps))
+    if parallel is None or parallel.is_main:
+        record = read_json(run_dir / "config.json", "run config")
+        record["train"]["steps"] = steps
+        record.setdefault("extended", []).append({"from_steps": run.train.steps, "to_steps": steps, "at_step": done})
+        atomic_write_text(run_dir / "config.json", json.dumps(record, indent=1))
+    return extended
 
 
 def evaluate_run(

@@ -52,6 +52,7 @@ FROZEN_FLAGS = {
         "--eval-every",
         "--expert-parallel",
         "--help",
+        "--init-from",
         "--lr",
         "--no-progress",
         "--nproc",
