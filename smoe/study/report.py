@@ -58,7 +58,8 @@ def leaderboard_rows(runs, task: str) -> list[dict]:
         row[f"{quality}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         rows.append(row)
     good = [r for r in rows if "error" not in r]
-    good.sort(key=lambda r: -r["accuracy"] if task == "vision" else r["loss"])
+    # ties (equal accuracy, or equal loss) are broken by validation loss, then by name
+    good.sort(key=lambda r: ((-r["accuracy"], r["loss"]) if task == "vision" else (r["loss"],)) + (r["router"],))
     for i, r in enumerate(good, 1):
         r["rank"] = i
     return good + [r for r in rows if "error" in r]
@@ -91,7 +92,7 @@ def _fmt(row: dict, key: str, fmt: str, task: str) -> str:
         if key == "loss" or (key == "accuracy" and task == "vision"):
             error = row.get("error") or ""
             return error if error.startswith("diverged at step") else "FAILED"
-        return "-"
+        return "n/a"
     v = row[key]
     if fmt == "s":
         return str(v)
@@ -319,6 +320,7 @@ def write_report(result) -> dict:
         _command(result),
         "```",
         "",
+        *_what_ran(result),
         "Every run folder under `runs/` holds its resolved `config.json`, `metrics.jsonl` and a checkpoint "
         "(`smoe eval <run folder>`).",
         "",
@@ -330,6 +332,19 @@ def write_report(result) -> dict:
     files["results"] = out / "results.json"
     atomic_write_text(files["results"], json.dumps(_results_json(result), indent=1))
     return files
+
+
+def _what_ran(result) -> list[str]:
+    """What actually ran per router: the MoE settings the study set on top of the base config and ``--set``."""
+    if not result.settings:
+        return []
+    lines = ["What ran, per router (MoE settings the study changed from the base configuration):", ""]
+    for name, changed in result.settings.items():
+        shown = {k: v for k, v in changed.items() if k != "moe.router"}
+        text = ", ".join(f"`{k}={v!r}`" for k, v in shown.items()) or "the base configuration"
+        lines.append(f"- **{name}**: {text}")
+    lines.append("")
+    return lines
 
 
 def _command(result) -> str:

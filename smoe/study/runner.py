@@ -140,6 +140,7 @@ class StudyResult:
     out_dir: pathlib.Path
     wall_time: float = 0.0
     files: dict[str, pathlib.Path] = field(default_factory=dict)
+    settings: dict[str, dict] = field(default_factory=dict)  # per router: MoE settings changed from the base
 
 
 def _default_out() -> pathlib.Path:
@@ -193,9 +194,18 @@ def run_study(cfg: StudyConfig, *, log: Callable[[str], None] = print) -> StudyR
     )
 
     runs: list[StudyRun] = []
+    settings: dict[str, dict] = {}  # per router: the MoE settings the study changed from the base config
     for variant in variants:
         over = variant_overrides(variant, model_cfg)
         v_cfg = apply_overrides(model_cfg, over)
+        changed = _changed_settings(model_cfg, v_cfg)
+        for key, (_was, now) in changed.items():
+            if key in cfg.overrides and str(now) != str(cfg.overrides[key]):
+                log(
+                    f"smoe study: {variant.name}: {key}={now!r}, not your --set {key}={cfg.overrides[key]} "
+                    f"({_why(key)})"
+                )
+        settings[variant.name] = {k: now for k, (was, now) in changed.items()}
         for s in range(cfg.seeds):
             seed = base.train.seed + s
             train_cfg = dataclasses.replace(base.train, seed=seed)
@@ -261,11 +271,38 @@ def run_study(cfg: StudyConfig, *, log: Callable[[str], None] = print) -> StudyR
         runs=runs,
         leaderboard=leaderboard_rows(runs, cfg.task),
         out_dir=out,
+        settings=settings,
     )
     result.wall_time = time.perf_counter() - t_start
     result.files = write_report(result)
     result.wall_time = time.perf_counter() - t_start
     return result
+
+
+_WHY = {
+    "moe.group_mode": "a router whose tokens compete routes per position in a causal LM, so no token sees its "
+    "sequence's future; Soft MoE routes per image",
+    "moe.capacity_factor": "a router other than the preset's runs dropless",
+    "moe.eval_capacity_factor": "a router other than the preset's runs dropless",
+    "moe.eval_batch_priority": "a router other than the preset's runs dropless",
+    "moe.router_kwargs": "each router runs with its own options",
+    "moe.images_per_group": "Soft MoE routes per image",
+    "moe.router": "the router under study",
+}
+
+
+def _why(key: str) -> str:
+    return _WHY.get(key, "the study's setting for this router")
+
+
+def _changed_settings(base, variant) -> dict[str, tuple]:
+    """``{"moe.<field>": (base value, variant value)}`` for every MoE field the variant changes."""
+    out = {}
+    for f in dataclasses.fields(base.moe):
+        was, now = getattr(base.moe, f.name), getattr(variant.moe, f.name)
+        if was != now:
+            out[f"moe.{f.name}"] = (was, now)
+    return out
 
 
 def _study_record(cfg: StudyConfig) -> dict:
