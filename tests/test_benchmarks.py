@@ -95,3 +95,13 @@ def test_expert_parallel_training_benchmark_quick():
     sent = [float(r[4]) for r in rows]
     assert sent[0] == 0.0 and sent[1] > 0 and sent[2] == 0.0  # only expert parallelism exchanges rows
     assert all(math.isfinite(float(r[3])) and float(r[3]) > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_busy_core_benchmark_quick():
+    script = BENCH / "bench_busy_core.py"
+    done = subprocess.run([sys.executable, str(script), "--quick", "--repeats", "1"], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| quiet") or line.startswith("| busy")]
+    assert len(rows) == 4 and all(math.isfinite(float(r.strip("|").split("|")[4])) for r in rows), done.stdout

@@ -42,6 +42,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--forward-only", action="store_true", help="time the forward pass only")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device (default cpu)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of weights and inputs")
+    p.add_argument("--threads", type=positive_int, help="CPU threads for PyTorch (default: the idle cores)")
     p.set_defaults(func=run)
     return p
 
@@ -85,6 +86,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--top-k ({args.top_k}) must be <= --experts ({args.experts})")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
+    from smoe.train.device import set_threads  # noqa: PLC0415
+
+    set_threads(args.threads)
     torch.manual_seed(args.seed)
     dev = torch.device(args.device)
     moe = smoe.MoE(

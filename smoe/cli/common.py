@@ -95,7 +95,9 @@ def add_run_flags(p: argparse.ArgumentParser, *, default_preset: str | None) -> 
 def add_device_flags(p: argparse.ArgumentParser) -> None:
     """``--device`` and ``--threads`` (train, study, eval)."""
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
-    p.add_argument("--threads", type=positive_int, help="CPU threads for PyTorch (default: PyTorch's choice)")
+    p.add_argument(
+        "--threads", type=positive_int, help="CPU threads for PyTorch (default: PyTorch's, or the idle cores if fewer)"
+    )
 
 
 def run_overrides(args: argparse.Namespace) -> dict[str, str]:

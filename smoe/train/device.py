@@ -2,7 +2,8 @@
 
 ``smoe train/study/eval --device`` take ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (where this PyTorch has it); a
 device that is not there is a ``ValueError`` naming it. On several processes, ``cuda`` means each rank's own GPU
-(``cuda:LOCAL_RANK``). ``--threads N`` sets PyTorch's intra-op threads (``torch.set_num_threads``).
+(``cuda:LOCAL_RANK``). ``--threads N`` sets PyTorch's intra-op threads (``torch.set_num_threads``); without it,
+a machine with busy cores gets as many threads as it has idle cores (:mod:`smoe.train.threads`).
 """
 
 from __future__ import annotations
@@ -45,10 +46,21 @@ def resolve_device(name: str | torch.device | None, *, local_rank: int | None = 
     raise ValueError(f"--device {name!r}: smoe trains on cpu, cuda or mps, not {device.type}")
 
 
-def set_threads(threads: int | None) -> None:
-    """``torch.set_num_threads(threads)`` (``None`` leaves PyTorch's default)."""
+def set_threads(threads: int | None, *, auto: bool = True) -> int:
+    """``torch.set_num_threads(threads)``; returns the count in force.
+
+    With ``threads=None`` and ``auto``: the idle cores (:func:`smoe.train.threads.auto_threads`) when they are
+    fewer than PyTorch's default, unless ``OMP_NUM_THREADS`` is set (torchrun sets it per process), which wins.
+    """
     if threads is None:
-        return
+        if auto and "OMP_NUM_THREADS" not in os.environ:
+            from smoe.train.threads import auto_threads  # noqa: PLC0415
+
+            idle = auto_threads()
+            if idle is not None and idle < torch.get_num_threads():
+                torch.set_num_threads(idle)
+        return torch.get_num_threads()
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"--threads must be a positive integer, got {threads!r}")
     torch.set_num_threads(threads)
+    return threads

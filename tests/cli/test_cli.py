@@ -81,6 +81,7 @@ FROZEN_FLAGS = {
         "--repeats",
         "--router",
         "--seed",
+        "--threads",
         "--tokens",
         "--top-k",
         "--warmup",

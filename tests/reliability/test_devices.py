@@ -70,3 +70,32 @@ def test_training_on_cuda_resumes_exactly_and_evaluates_like_the_cpu(tmp_path):
     on_cpu = evaluate_run(tmp_path / "full", device="cpu")
     on_gpu = evaluate_run(tmp_path / "full", device="cuda")
     assert abs(on_cpu["loss"] - on_gpu["loss"]) < 1e-4 and abs(on_gpu["loss"] - full["loss"]) < 1e-4
+
+
+def test_the_default_thread_count_follows_the_idle_cores(monkeypatch):
+    import smoe.train.threads as threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr(threads, "auto_threads", lambda window_s=0.2: 1)  # one of two cores busy
+        assert set_threads(None) == 1 and torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # a launcher's choice wins
+        assert set_threads(None) == 2
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        monkeypatch.setattr(threads, "auto_threads", lambda window_s=0.2: 4)  # never more than PyTorch's default
+        assert set_threads(None) == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_idle_cores_are_measured_from_proc_stat():
+    from smoe.train.threads import idle_cores
+
+    idle = idle_cores(0.05)
+    if idle is not None:
+        import os
+
+        assert 0.0 <= idle <= len(os.sched_getaffinity(0)) + 1e-6
