@@ -52,6 +52,7 @@ __all__ = [
     "CheckpointDamaged",
     "checkpoint_is_intact",
     "newest_intact_checkpoint",
+    "resolve_intact_checkpoint",
     "verify_checkpoint",
 ]
 
@@ -364,6 +365,18 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def resolve_intact_checkpoint(path: str | os.PathLike, use_intact: bool = False) -> pathlib.Path:
+    """:func:`resolve_checkpoint`, and with ``use_intact`` the newest intact checkpoint of the same run when the
+    resolved one is damaged (``ValueError`` when none is left)."""
+    ckpt = resolve_checkpoint(path)
+    if use_intact and ckpt.is_dir() and not checkpoint_is_intact(ckpt):
+        intact = newest_intact_checkpoint(ckpt.parent)
+        if intact is None:
+            raise ValueError(f"checkpoint {str(ckpt)!r} is damaged and its run has no intact checkpoint")
+        ckpt = intact
+    return ckpt
 
 
 def _rng_seed(seed: int, step: int, rank: int) -> int:

@@ -19,12 +19,7 @@ import torch
 from torch import nn
 
 from smoe.data import tokenizer_from_dict
-from smoe.train.checkpoint import (
-    checkpoint_is_intact,
-    load_checkpoint,
-    newest_intact_checkpoint,
-    resolve_checkpoint,
-)
+from smoe.train.checkpoint import load_checkpoint, resolve_intact_checkpoint
 from smoe.train.run import RunConfig, load_run_config
 
 __all__ = ["LoadedRun", "load_run", "find_run_dir"]
@@ -76,12 +71,7 @@ def load_run(path: str | os.PathLike, *, device=None, use_intact: bool = False) 
     """
     from smoe.models import presets  # noqa: PLC0415 - models import the whole layer stack
 
-    ckpt = resolve_checkpoint(path)
-    if use_intact and ckpt.is_dir() and not checkpoint_is_intact(ckpt):
-        intact = newest_intact_checkpoint(ckpt.parent)
-        if intact is None:
-            raise ValueError(f"checkpoint {str(ckpt)!r} is damaged and its run has no intact checkpoint")
-        ckpt = intact
+    ckpt = resolve_intact_checkpoint(path, use_intact)
     run_dir = find_run_dir(ckpt if ckpt.is_dir() else ckpt.parent)
     run, tokenizer_state = load_run_config(run_dir)
     model = presets.model_class(run.task)(run.model)

@@ -316,23 +316,11 @@ def evaluate_run(
     ``use_intact``: when the checkpoint is damaged (its files differ from their checksums), evaluate the newest
     intact checkpoint of the same run instead (otherwise a damaged one is an error naming that one).
     """
-    from smoe.train.checkpoint import (  # noqa: PLC0415
-        checkpoint_is_intact,
-        load_checkpoint,
-        newest_intact_checkpoint,
-        resolve_checkpoint,
-    )
+    from smoe.train.checkpoint import load_checkpoint, resolve_intact_checkpoint  # noqa: PLC0415
+    from smoe.train.load import find_run_dir  # noqa: PLC0415
 
-    ckpt = resolve_checkpoint(path)
-    if use_intact and ckpt.is_dir() and not checkpoint_is_intact(ckpt):
-        intact = newest_intact_checkpoint(ckpt.parent)
-        if intact is None:
-            raise ValueError(f"checkpoint {str(ckpt)!r} is damaged and its run has no intact checkpoint")
-        ckpt = intact
-    # the run folder is the nearest ancestor holding config.json (a checkpoint folder sits two levels below it)
-    run_dir = next((d for d in [ckpt, *ckpt.parents][:4] if (d / "config.json").is_file()), None)
-    if run_dir is None:
-        raise ValueError(f"no config.json of a run found above checkpoint {str(ckpt)!r}")
+    ckpt = resolve_intact_checkpoint(path, use_intact)
+    run_dir = find_run_dir(ckpt)  # the nearest ancestor holding config.json
     run, tokenizer_state = load_run_config(run_dir)
     model, data, run, _ = prepare_run(run, tokenizer_state=tokenizer_state)
     state = load_checkpoint(ckpt, model=model, restore_rng=False)
