@@ -34,7 +34,6 @@ for adaptive compute; ``train()`` restores the training capacity. Only routers t
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +44,7 @@ from smoe.engine.backend import resolve_backend
 from smoe.engine.dispatcher import Dispatcher, build_dispatcher
 from smoe.experts import MLP, Experts, MLPExperts, build_experts
 from smoe.routing.base import Router, RoutingContext
+from smoe.routing.options import CAPACITY_FACTOR
 from smoe.routing.plan import DensePlan, SparsePlan
 from smoe.routing.registry import build_router
 
@@ -177,13 +177,10 @@ class MoE(nn.Module):
             _positive_int("hidden_dim", hidden_dim)
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be an integer in [1, num_experts={num_experts}], got {top_k!r}")
-        if capacity_factor is not None and not (
-            isinstance(capacity_factor, int | float)
-            and not isinstance(capacity_factor, bool)
-            and math.isfinite(capacity_factor)
-            and capacity_factor > 0
-        ):
-            raise ValueError(f"capacity_factor must be None (dropless) or a finite number > 0, got {capacity_factor!r}")
+        if not CAPACITY_FACTOR.accepts(capacity_factor):
+            raise ValueError(
+                f"capacity_factor must be {CAPACITY_FACTOR.describe()} (None: dropless), got {capacity_factor!r}"
+            )
         if group_mode not in GROUP_MODES:
             raise ValueError(f"group_mode must be one of {GROUP_MODES}, got {group_mode!r}")
         if group_size is not None and (

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from smoe.routing.options import check_option, integer, real, router_options
+from smoe.routing.options import CAPACITY_FACTOR, check_option, integer, router_options
 from smoe.routing.plan import RoutingPlan
 
 __all__ = ["Router", "RouterOutput", "RoutingContext", "router_logits_fp32"]
@@ -146,7 +145,7 @@ class Router(nn.Module):
         "dim": integer(ge=1),
         "num_experts": integer(ge=1),
         "top_k": integer(ge=1),
-        "capacity_factor": real(gt=0, none=True),
+        "capacity_factor": CAPACITY_FACTOR,
     }
 
     def __init__(self, *, dim: int, num_experts: int, top_k: int) -> None:
@@ -196,13 +195,10 @@ class Router(nn.Module):
             raise ValueError(f"router {self.name!r} has no capacity_factor to change at evaluation")
         if batch_priority is not None and "batch_priority" not in self.capacity_options:
             raise ValueError(f"router {self.name!r} has no batch_priority to change at evaluation")
-        if capacity_factor is not None and not (
-            isinstance(capacity_factor, int | float)
-            and not isinstance(capacity_factor, bool)
-            and math.isfinite(capacity_factor)
-            and capacity_factor > 0
-        ):
-            raise ValueError(f"capacity_factor must be None (dropless) or a finite number > 0, got {capacity_factor!r}")
+        if not CAPACITY_FACTOR.accepts(capacity_factor):
+            raise ValueError(
+                f"capacity_factor must be {CAPACITY_FACTOR.describe()} (None: dropless), got {capacity_factor!r}"
+            )
         self.capacity_factor = capacity_factor
         if batch_priority is not None:
             self.batch_priority = bool(batch_priority) and capacity_factor is not None

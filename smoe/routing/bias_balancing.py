@@ -12,7 +12,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["update_expert_bias", "register_bias_update_hook"]
+__all__ = ["update_expert_bias", "register_bias_update_hook", "load_counters"]
+
+
+def load_counters(model: nn.Module) -> list[torch.Tensor]:
+    """The ``tokens_per_expert_E`` counters of every router of ``model`` that has an expert bias."""
+    return [
+        m.tokens_per_expert_E
+        for m in model.modules()
+        if getattr(m, "expert_bias_E", None) is not None and getattr(m, "tokens_per_expert_E", None) is not None
+    ]
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ MIN_SCALE = 1e-6
 
 __all__ = [
     "MIN_SCALE",
+    "CAPACITY_FACTOR",
     "OptionSpec",
     "real",
     "integer",
@@ -129,6 +130,10 @@ def choice(*values, none: bool = False) -> OptionSpec:
 def int_tuple() -> OptionSpec:
     """A tuple (or list) of positive integers, possibly empty."""
     return OptionSpec("int_tuple")
+
+
+#: what a capacity factor may be, wherever one is given (a router, the MoE layer, an evaluation setting)
+CAPACITY_FACTOR = real(gt=0, none=True)
 
 
 def router_options(cls: type) -> dict[str, OptionSpec]:

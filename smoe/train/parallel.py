@@ -47,6 +47,7 @@ from smoe.layers.expert_parallel import (
     shard_model_state,
     sharded_expert_names,
 )
+from smoe.routing.bias_balancing import load_counters
 
 __all__ = ["ParallelContext", "init_parallel", "launched_by_torchrun"]
 
@@ -196,10 +197,8 @@ class ParallelContext:
         """Sum the aux-loss-free bias counters (``tokens_per_expert_E``) over every rank, in place."""
         if not self.distributed:
             return
-        for m in model.modules():
-            load_E = getattr(m, "tokens_per_expert_E", None)
-            if getattr(m, "expert_bias_E", None) is not None and load_E is not None:
-                dist.all_reduce(load_E)
+        for load_E in load_counters(model):
+            dist.all_reduce(load_E)
 
     # ---------------------------------------------------------------------------------------------- state
 

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from smoe.analysis.routing_stats import RoutingStatsAccumulator, summarize_layers
-from smoe.routing.bias_balancing import register_bias_update_hook
+from smoe.routing.bias_balancing import load_counters, register_bias_update_hook
 from smoe.train.checkpoint import (
     atomic_write_text,
     latest_checkpoint,
@@ -208,10 +208,8 @@ class Trainer:
         if skipped:  # nothing of this step is applied; the data and the schedule move on
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
-            for m in self.model.modules():  # nor its expert loads (aux-loss-free bias counters)
-                load_E = getattr(m, "tokens_per_expert_E", None)
-                if getattr(m, "expert_bias_E", None) is not None and load_E is not None:
-                    load_E.zero_()
+            for load_E in load_counters(self.model):  # nor its expert loads (aux-loss-free bias counters)
+                load_E.zero_()
         else:
             par.reduce_load_counters(self.model)
             self.optimizer.step()  # the aux-loss-free bias update runs as its pre-hook
