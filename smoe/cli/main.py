@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from smoe.cli import bench, evaluate, generate, ls, study, train
+from smoe.cli import bench, evaluate, generate, ls, study, train, upcycle
 from smoe.cli.common import CLIError, Parser
 
 __all__ = ["build_parser", "main"]
@@ -26,7 +26,7 @@ EPILOG = """examples:
 Run `smoe <command> --help` for the worked examples of each command.
 """
 
-SUBCOMMANDS = (study, train, evaluate, generate, bench, ls)
+SUBCOMMANDS = (study, train, upcycle, evaluate, generate, bench, ls)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,6 +27,8 @@ EPILOG = """examples:
   smoe train --out runs/lm --resume                                # continue a killed run exactly
   smoe train --out runs/lm --resume --steps 400                    # train a finished run on, to 400 steps
   smoe train --preset lm_small --init-from runs/lm --out runs/ft --data notes.txt   # fine-tune trained weights
+  smoe train --resume-from runs/moe                                # continue an upcycled run (smoe upcycle)
+  smoe train --resume-from runs/lm/checkpoints/step-00000200 --out runs/branch   # branch a run at a checkpoint
   smoe train --preset lm_small --expert-parallel 2 --out runs/ep   # experts sharded over 2 processes
   torchrun --nproc-per-node 4 -m smoe train --expert-parallel 2 ...  # 2 expert groups of 2 ranks (DDP over 4)
   smoe train --out runs/ep --resume --nproc 1                      # resume a 2-process run in one process
@@ -50,6 +52,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--init-from",
         metavar="RUN_OR_CHECKPOINT",
         help="start this new run from the weights of a trained run or checkpoint (same model; a fresh optimizer)",
+    )
+    p.add_argument(
+        "--resume-from",
+        metavar="RUN_OR_CHECKPOINT",
+        help="continue this run (its newest checkpoint) or checkpoint: in place, or, with --out another folder, in a "
+        "new run folder that starts as a copy of it up to that checkpoint (an upcycled run from `smoe upcycle`, a "
+        "branch of a run)",
     )
     p.add_argument(
         "--use-intact",
@@ -137,6 +146,16 @@ def run(args: argparse.Namespace) -> int:
 
     if args.resume and not args.out:
         raise ValueError("--resume needs --out DIR, the folder of the run to continue")
+    checkpoint = None
+    if args.resume_from:
+        if args.resume or args.init_from:
+            raise ValueError("--resume-from continues a saved run; give it without --resume or --init-from")
+        from smoe.interop.hf_upcycle import is_hf_model_dir  # noqa: PLC0415
+
+        if is_hf_model_dir(args.resume_from):
+            return _train_hf(args)
+        checkpoint, args.out = _resume_from(args)
+        args.resume = True
     out = pathlib.Path(args.out) if args.out else default_out_dir("train")
     overrides = train_overrides(args)
     nproc = args.nproc if args.nproc is not None else args.expert_parallel
@@ -176,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
             use_intact=args.use_intact,
             device=device,
             extend_to=args.steps,
+            checkpoint=checkpoint,
         )
     else:
         exists = (out / "config.json").exists()
@@ -195,6 +215,60 @@ def run(args: argparse.Namespace) -> int:
         print(_summary(result))
         print(f"run folder: {out}")
     return 0
+
+
+def _train_hf(args: argparse.Namespace) -> int:
+    """Continued pre-training of a Hugging Face causal LM folder (:func:`smoe.train.hf_lm.train_hf_lm`)."""
+    from smoe.data import DataConfig  # noqa: PLC0415
+    from smoe.train.config import TrainConfig, apply_dataclass_overrides  # noqa: PLC0415
+    from smoe.train.device import set_threads  # noqa: PLC0415
+    from smoe.train.hf_lm import train_hf_lm  # noqa: PLC0415
+    from smoe.train.run import split_overrides  # noqa: PLC0415
+
+    if args.expert_parallel != 1 or (args.nproc or 1) != 1:
+        raise ValueError("a Hugging Face model folder trains in one process (no --expert-parallel / --nproc)")
+    if args.device not in (None, "cpu", "auto"):
+        raise ValueError("a Hugging Face model folder trains on the CPU here; --device is for smoe runs")
+    set_threads(args.threads)
+    model_over, train_over, data_over = split_overrides(train_overrides(args))
+    if model_over:
+        raise ValueError(f"--set {sorted(model_over)[0]}: a Hugging Face model's shape is its config.json's")
+    defaults = TrainConfig(steps=100, batch_size=4, lr=3e-4, warmup_steps=10, eval_every=0)
+    train_cfg = apply_dataclass_overrides(defaults, train_over, prefix="train")
+    data_cfg = apply_dataclass_overrides(DataConfig(), data_over, prefix="data")
+    result = train_hf_lm(args.resume_from, args.out, train_cfg, data_cfg, progress=not args.no_progress)
+    first = result["history"][0]
+    print(
+        f"continued pre-training, {train_cfg.steps} steps: validation loss {first['loss']:.4f} -> "
+        f"{result['loss']:.4f} (ppl {result['ppl']:.2f}), {result['tokens_per_s']:.0f} tokens/s\n"
+        f"saved: {result['out']}"
+    )
+    return 0
+
+
+def _resume_from(args: argparse.Namespace) -> tuple[pathlib.Path, str]:
+    """``(checkpoint, run folder)`` that ``--resume-from`` continues: in place, or a branch copied into ``--out``."""
+    from smoe.train.checkpoint import resolve_intact_checkpoint  # noqa: PLC0415
+    from smoe.train.load import find_run_dir  # noqa: PLC0415
+    from smoe.train.parallel import launched_by_torchrun  # noqa: PLC0415
+    from smoe.train.upcycle import fork_run  # noqa: PLC0415
+
+    ckpt = resolve_intact_checkpoint(args.resume_from, args.use_intact)
+    if ckpt.is_file():
+        ckpt = ckpt.parent
+    run_dir = find_run_dir(ckpt)
+    if not args.out or pathlib.Path(args.out).resolve() == run_dir.resolve():
+        return ckpt, str(run_dir)
+    if launched_by_torchrun():
+        raise ValueError(
+            "--resume-from with another --out copies the run first; do that in one process (smoe train "
+            "--resume-from ... --out ... --nproc N launches the processes after copying)"
+        )
+    copied = fork_run(ckpt, args.out)
+    # processes launched below continue the copy in place
+    args.argv = [a if a != args.resume_from else str(copied) for a in args.argv]
+    args.resume_from = str(copied)
+    return copied, args.out
 
 
 def _summary(result: dict) -> str:

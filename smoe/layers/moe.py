@@ -34,6 +34,7 @@ for adaptive compute; ``train()`` restores the training capacity. Only routers t
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -101,6 +102,15 @@ def _routing_stats(plan, probs_TE: Tensor | None, num_tokens: int) -> dict[str, 
         return stats
 
 
+def _normalized(plan: SparsePlan) -> SparsePlan:
+    """``plan`` with each token's combine weights divided by their sum (``normalize_weights``)."""
+    sum_T = plan.weight_N.new_zeros(plan.num_tokens).index_add(0, plan.token_idx_N, plan.weight_N)
+    # a token's weights are non-negative; a zero sum (all weights zero) stays zero instead of 0/0
+    denom_N = sum_T.index_select(0, plan.token_idx_N)
+    weight_N = plan.weight_N / torch.where(denom_N > 0, denom_N, torch.ones_like(denom_N))
+    return dataclasses.replace(plan, weight_N=weight_N)
+
+
 class DTypeMismatchError(ValueError, RuntimeError):
     """The input's dtype does not fit the layer's parameters. A ``ValueError`` (bad input) that is also the
     ``RuntimeError`` ``nn.Linear`` raises in the same case, so code written for either catches it."""
@@ -141,6 +151,10 @@ class MoE(nn.Module):
         backend: engine backend override (``None``: process default; see :mod:`smoe.engine.backend`).
         router_kwargs: extra router-specific options (routers built by name).
         check_inputs: validate the input (shape, finiteness) on every call.
+        normalize_weights: after routing (and capacity dropping), divide each token's combine weights by their
+            sum over the experts that took it, so that they sum to one ("normalize weights after routing", Sparse
+            Upcycling, Komatsuzaki et al. 2023, §3.1, vision). A token no expert took keeps an output of zero.
+            Sparse plans only (a Soft MoE router is refused).
     """
 
     def __init__(
@@ -167,11 +181,14 @@ class MoE(nn.Module):
         backend: str | None = None,
         router_kwargs: dict | None = None,
         check_inputs: bool = True,
+        normalize_weights: bool = False,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         _positive_int("dim", dim)
+        if not isinstance(normalize_weights, bool):
+            raise ValueError(f"normalize_weights must be True or False, got {normalize_weights!r}")
         _positive_int("num_experts", num_experts)
         if hidden_dim is not None or not isinstance(experts, Experts):
             _positive_int("hidden_dim", hidden_dim)
@@ -227,6 +244,12 @@ class MoE(nn.Module):
             raise ValueError(f"router must be a registered name or a Router instance, got {type(router).__name__}")
         if self.router.num_experts != num_experts:
             raise ValueError(f"router has num_experts={self.router.num_experts}, the layer {num_experts}")
+        if normalize_weights and self.router.plan_kind != "sparse":
+            raise ValueError(
+                f"normalize_weights=True renormalises the combine weights of a sparse plan; router "
+                f"{self.router.name!r} makes a {self.router.plan_kind} plan"
+            )
+        self.normalize_weights = normalize_weights
 
         # 2. the dispatcher (before the experts: it says how many of them live in this process)
         if isinstance(dispatcher, str):
@@ -452,9 +475,10 @@ class MoE(nn.Module):
         ctx = RoutingContext(group_size=S, token_ids_T=ids_T, attn_probs=attn_probs, batch_shape=BL, group_mode=mode)
         # router -> plan
         routed = self.router(x_TD, ctx)
+        plan = routed.plan if not self.normalize_weights else _normalized(routed.plan)
         # dispatch -> experts -> combine (the router may add rows: S2MoE's noisy copy)
         rows_RD = x_TD if routed.inputs_RD is None else routed.inputs_RD
-        y_T = run_plan(rows_RD, routed.plan, self.experts, self.backend, self.dispatcher)
+        y_T = run_plan(rows_RD, plan, self.experts, self.backend, self.dispatcher)
         y = self._ungroup(y_T, x.shape[:-1], BL)
         # + the shared expert
         if self.shared_expert is not None:
@@ -469,12 +493,11 @@ class MoE(nn.Module):
         stats.update(routed.stats)
         for name, value in routed.losses.items():
             stats[f"loss_{name}"] = value.detach()
-        return y, MoEAux(
-            loss=routed.loss, losses=routed.losses, stats=stats, plan=routed.plan, probs_TE=routed.probs_TE
-        )
+        return y, MoEAux(loss=routed.loss, losses=routed.losses, stats=stats, plan=plan, probs_TE=routed.probs_TE)
 
     def extra_repr(self) -> str:
         return (
             f"top_k={self.top_k}, capacity_factor={self.capacity_factor}, group_mode={self.group_mode}, "
             f"group_size={self.group_size}, causal={self.causal}, dispatcher={self.dispatcher!r}"
+            + (", normalize_weights=True" if self.normalize_weights else "")
         )

@@ -23,7 +23,7 @@ from smoe.models.attention import SelfAttention
 from smoe.models.config import MoEConfig, MomentumConfig, moe_layer_indices
 from smoe.models.momentum import Momentum, MomentumState
 
-__all__ = ["Block", "Transformer", "build_transformer", "sum_aux_losses", "moe_metrics"]
+__all__ = ["Block", "Transformer", "build_transformer", "build_moe_layer", "sum_aux_losses", "moe_metrics"]
 
 
 class Block(nn.Module):
@@ -179,32 +179,17 @@ def build_transformer(
     """
     dd = {"device": device, "dtype": dtype}
     moe_idx = set(moe_layer_indices(depth, moe))
-    activation = moe.expert_activation or mlp_activation
-    # the model's bias setting reaches the experts as it reaches its dense MLPs (not SwiGLU ones); an explicit
-    # moe.expert_bias wins
-    expert_bias = (bias and activation != "swiglu") if moe.expert_bias is None else moe.expert_bias
     blocks = []
     for i in range(depth):
         if i in moe_idx:
-            ffn: nn.Module = MoE(
-                dim,
-                moe.hidden_dim or mlp_hidden_dim,
-                moe.num_experts,
-                moe.top_k,
-                moe.router,
-                moe.capacity_factor,
-                experts=activation,
-                dispatcher=moe.dispatcher,
-                expert_bias=expert_bias,
-                shared_expert_hidden_dim=moe.shared_expert_hidden_dim,
-                shared_expert_gate=moe.shared_expert_gate,
-                group_mode=moe.group_mode,
-                group_size=group_size if group_size is not None else moe.group_size,
+            ffn: nn.Module = build_moe_layer(
+                dim=dim,
+                mlp_hidden_dim=mlp_hidden_dim,
+                mlp_activation=mlp_activation,
+                bias=bias,
                 causal=causal,
-                allow_token_coupling=moe.allow_token_coupling,
-                backend=moe.backend,
-                router_kwargs=dict(moe.router_kwargs),
-                check_inputs=moe.check_inputs,
+                moe=moe,
+                group_size=group_size,
                 **dd,
             )
         else:
@@ -227,6 +212,52 @@ def build_transformer(
         cf = moe.eval_capacity_factor if moe.eval_capacity_factor is not None else moe.capacity_factor
         trunk.set_eval_capacity(cf, moe.eval_batch_priority)
     return trunk
+
+
+def build_moe_layer(
+    *,
+    dim: int,
+    mlp_hidden_dim: int,
+    mlp_activation: str,
+    bias: bool,
+    causal: bool,
+    moe: MoEConfig,
+    group_size: int | None = None,
+    device=None,
+    dtype=None,
+) -> MoE:
+    """The MoE layer ``moe`` describes, in a trunk of width ``dim`` whose dense MLPs are ``mlp_hidden_dim`` wide with
+    ``mlp_activation`` and ``bias`` (every MoE block of :func:`build_transformer`, and the layers
+    :func:`smoe.upcycle` puts in place of dense MLPs, are built here).
+
+    The experts are of ``moe.expert_activation`` (default: the MLP activation), ``moe.hidden_dim`` wide (default:
+    the MLP width), with biases as the model's MLPs have them (not SwiGLU ones) unless ``moe.expert_bias`` says.
+    """
+    activation = moe.expert_activation or mlp_activation
+    expert_bias = (bias and activation != "swiglu") if moe.expert_bias is None else moe.expert_bias
+    return MoE(
+        dim,
+        moe.hidden_dim or mlp_hidden_dim,
+        moe.num_experts,
+        moe.top_k,
+        moe.router,
+        moe.capacity_factor,
+        experts=activation,
+        dispatcher=moe.dispatcher,
+        expert_bias=expert_bias,
+        shared_expert_hidden_dim=moe.shared_expert_hidden_dim,
+        shared_expert_gate=moe.shared_expert_gate,
+        group_mode=moe.group_mode,
+        group_size=group_size if group_size is not None else moe.group_size,
+        causal=causal,
+        allow_token_coupling=moe.allow_token_coupling,
+        backend=moe.backend,
+        router_kwargs=dict(moe.router_kwargs),
+        check_inputs=moe.check_inputs,
+        normalize_weights=moe.normalize_weights,
+        device=device,
+        dtype=dtype,
+    )
 
 
 def sum_aux_losses(auxes: list[MoEAux], like: Tensor) -> Tensor:

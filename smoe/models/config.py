@@ -81,6 +81,8 @@ class MoEConfig:
         backend: engine backend override (``None``: the process default).
         check_inputs: validate the MoE inputs (finiteness) on every call; off by default in models, where it would
             add a host synchronisation per layer.
+        normalize_weights: renormalise each token's combine weights to sum to one after routing (Sparse
+            Upcycling's vision recipe; :class:`smoe.MoE`).
     """
 
     num_experts: int = 8
@@ -105,6 +107,7 @@ class MoEConfig:
     dispatcher: str = "local"
     backend: str | None = None
     check_inputs: bool = False
+    normalize_weights: bool = False
 
     def __post_init__(self) -> None:
         _positive_int("moe", "num_experts", self.num_experts)
@@ -136,6 +139,8 @@ class MoEConfig:
             _positive_int("moe", "images_per_group", self.images_per_group)
         if self.expert_activation is not None:
             _choice("moe", "expert_activation", self.expert_activation, list_experts())
+        if not isinstance(self.normalize_weights, bool):
+            raise ValueError(f"moe.normalize_weights must be true or false, got {self.normalize_weights!r}")
         if not isinstance(self.dispatcher, str) or not self.dispatcher:
             raise ValueError(f"moe.dispatcher must be a registered dispatcher name, got {self.dispatcher!r}")
 

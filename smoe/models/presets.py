@@ -179,6 +179,16 @@ def lm_small() -> LMConfig:
     )
 
 
+@register_preset("lm_small_dense")
+def lm_small_dense() -> LMConfig:
+    """The dense counterpart of ``lm_small``: the same trunk with a dense SwiGLU FFN of width 512 in every block
+    (the active FFN width of ``lm_small``'s top-2 of experts of width 256), the model sparse upcycling starts from
+    (``smoe upcycle``)."""
+    cfg = lm_small()
+    cfg.moe = MoEConfig(every=0)
+    return cfg
+
+
 @register_preset("lm_small_momentum")
 def lm_small_momentum() -> LMConfig:
     """``lm_small`` with heavy-ball MomentumSMoE, the authors' LM coefficients mu=0.7, gamma=1 (§7.7)."""
@@ -217,6 +227,14 @@ def vit_small() -> ViTConfig:
             router_kwargs=dict(VMOE_ROUTER_KWARGS),
         ),
     )
+
+
+@register_preset("vit_small_dense")
+def vit_small_dense() -> ViTConfig:
+    """The dense counterpart of ``vit_small``: the same ViT with a dense GELU MLP (width 256, biases) in every block."""
+    cfg = vit_small()
+    cfg.moe = MoEConfig(every=0)
+    return cfg
 
 
 @register_preset("vit_small_momentum")

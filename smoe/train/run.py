@@ -212,6 +212,7 @@ def train_run(
     device=None,
     extend_to: int | None = None,
     init_from: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = None,
 ) -> dict:
     """Train ``run`` into ``run_dir`` (``resume=True`` continues from its newest checkpoint); returns final metrics.
 
@@ -226,6 +227,9 @@ def train_run(
     ``init_from`` (a new run) starts from the weights of another run or checkpoint (same model configuration; the
     optimizer starts fresh), recorded in ``config.json``.
 
+    ``checkpoint`` (with ``resume``) resumes from this checkpoint of the run instead of its newest (``smoe train
+    --resume-from``); later checkpoints are overwritten as training passes their steps.
+
     ``parallel`` (a :class:`~smoe.train.parallel.ParallelContext`) trains on several processes: every rank calls
     this with the same arguments; rank 0 writes the run folder. A checkpoint written by any number of ranks
     resumes on any other (:mod:`smoe.train.checkpoint`).
@@ -237,9 +241,9 @@ def train_run(
             raise ValueError(f"cannot resume: {str(run_dir)!r} holds no config.json of an earlier run")
         run, tokenizer_state = load_run_config(run_dir)
         if extend_to is not None:
-            run = _extended(run, run_dir, extend_to, parallel)
-    elif extend_to is not None:
-        raise ValueError("extend_to (--steps with --resume) continues an earlier run: it needs resume=True")
+            run = _extended(run, run_dir, extend_to, parallel, checkpoint)
+    elif extend_to is not None or checkpoint is not None:
+        raise ValueError("extend_to and checkpoint continue an earlier run: they need resume=True")
     if run is None:
         raise ValueError("train_run needs a RunConfig unless resume=True")
     if init_from is not None and resume:
@@ -274,7 +278,7 @@ def train_run(
         device=device,
     )
     if resume:
-        trainer.resume(use_intact=use_intact)
+        trainer.resume(checkpoint, use_intact=use_intact)
     result = trainer.fit()
     if run.task == "vae" and run_dir is not None and (parallel is None or parallel.is_main):
         from smoe.analysis.vae_images import write_vae_images  # noqa: PLC0415 - matplotlib only when needed
@@ -284,11 +288,11 @@ def train_run(
     return result
 
 
-def _extended(run: RunConfig, run_dir: pathlib.Path, steps: int, parallel) -> RunConfig:
-    """``run`` with ``train.steps = steps`` (no fewer than the newest checkpoint's step); ``config.json`` updated."""
+def _extended(run: RunConfig, run_dir: pathlib.Path, steps: int, parallel, checkpoint=None) -> RunConfig:
+    """``run`` with ``train.steps = steps`` (no fewer than the resumed checkpoint's step); ``config.json`` updated."""
     from smoe.train.checkpoint import latest_checkpoint  # noqa: PLC0415
 
-    newest = latest_checkpoint(run_dir)
+    newest = pathlib.Path(checkpoint) if checkpoint is not None else latest_checkpoint(run_dir)
     done = int(read_json(newest / "state.json", "checkpoint state")["step"]) if newest is not None else 0
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < done:
         raise ValueError(f"--steps {steps!r} with --resume must be >= the {done} steps the run has done")
