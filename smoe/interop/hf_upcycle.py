@@ -95,7 +95,12 @@ def load_pretrained(source: str | os.PathLike, *, dtype: torch.dtype = torch.flo
                 raise ValueError(f"loading SmolLM2's GGUF needs {need!r}: pip install gguf accelerate")
         model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
         tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model.config.quantization_config = None  # dequantised: saves as plain float weights
+        # the GGUF weights are dequantised on load: the model is a plain float one and saves as such
+        model.config.quantization_config = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
         return model, tok
     path = offline_model_path("minilm") if name == "minilm" else pathlib.Path(name)
     if not is_hf_model_dir(path):

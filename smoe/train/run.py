@@ -243,7 +243,7 @@ def train_run(
         if extend_to is not None:
             run = _extended(run, run_dir, extend_to, parallel, checkpoint)
     elif extend_to is not None or checkpoint is not None:
-        raise ValueError("extend_to and checkpoint continue an earlier run: they need resume=True")
+        raise ValueError("extend_to and checkpoint continue an earlier run: each needs resume=True")
     if run is None:
         raise ValueError("train_run needs a RunConfig unless resume=True")
     if init_from is not None and resume:

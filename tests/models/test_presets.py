@@ -66,8 +66,9 @@ def test_preset_builds_runs_and_every_parameter_gets_a_gradient(name):
     out = model(inputs, targets)
     assert out.loss is not None and torch.isfinite(out.loss)
     assert torch.isfinite(out.aux_loss) and torch.isfinite(out.logits).all()
-    assert len(out.moe_aux) >= 1
-    assert torch.allclose(out.aux_loss, sum(a.loss for a in out.moe_aux))
+    layers = [m for m in model.modules() if isinstance(m, smoe.MoE)]
+    assert len(out.moe_aux) == len(layers) and (len(layers) >= 1) != name.endswith("_dense")  # dense: none
+    assert torch.allclose(out.aux_loss, sum((a.loss for a in out.moe_aux), torch.zeros(())))
     out.total_loss.backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None]
     assert not no_grad, f"no gradient for {no_grad}"
