@@ -62,7 +62,7 @@ def _flops_per_step(model_cfg, run_cfg) -> float:
 
 
 def run_seed(args, seed: int, root: pathlib.Path) -> dict:
-    from smoe.train.run import load_run_config, resolve_run_config, train_run  # noqa: PLC0415
+    from smoe.train.run import evaluate_run, load_run_config, resolve_run_config, train_run  # noqa: PLC0415
     from smoe.train.upcycle import upcycle_run  # noqa: PLC0415
 
     N, M = args.dense_steps, args.extra_steps
@@ -112,10 +112,26 @@ def run_seed(args, seed: int, root: pathlib.Path) -> dict:
         "scratch": {"flops": (N + M) * f_moe - N * f_dense, "seconds": times["scratch"] - dense_time_at_n},
     }
     at_n = dict(_validation(dense_dir))[N]
+    # the upcycled model right after surgery (its run's history up to N is the dense one's): rebuilt from the
+    # same checkpoint with the same seed, hence the very model its training started from
+    fresh_dir = root / f"upcycled-at-n-s{seed}"
+    if not (fresh_dir / "config.json").exists():
+        upcycle_run(
+            dense_dir / "checkpoints" / f"step-{N:08d}",
+            fresh_dir,
+            num_experts=args.experts,
+            top_k=args.top_k,
+            router=args.router,
+            layers=args.layers,
+            seed=seed,
+        )
+    upcycled_at_n = evaluate_run(fresh_dir)["loss"]
+    curves["upcycled"][0] = (curves["upcycled"][0][0], upcycled_at_n)
     return {
         "seed": seed,
         "final": final,
         "at_upcycling": at_n,
+        "upcycled_at_upcycling": upcycled_at_n,
         "extra": extra,
         "curves": curves,
         "wall_s": time.perf_counter() - t0,
@@ -140,8 +156,11 @@ def report(args, results: list[dict], root: pathlib.Path) -> str:
         f"({', '.join(str(r['seed']) for r in results)}); validation loss (nats/byte) at step {N + M}, mean +- 95% "
         "t-interval over seeds.",
         "",
-        f"At the upcycling point (dense, step {N}): "
-        + "{:.4f} +- {:.4f}".format(*mean_ci([r["at_upcycling"] for r in results])),
+        f"At the upcycling point, step {N}: dense "
+        + "{:.4f} +- {:.4f}".format(*mean_ci([r["at_upcycling"] for r in results]))
+        + "; the upcycled model right after surgery "
+        + "{:.4f} +- {:.4f}".format(*mean_ci([r["upcycled_at_upcycling"] for r in results]))
+        + f" ({args.router}, top-{args.top_k} of {args.experts} copies).",
         "",
         "| arm | validation loss | extra training FLOPs after step N | extra seconds (2 cores) |",
         "|---|---:|---:|---:|",

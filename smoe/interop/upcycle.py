@@ -23,12 +23,13 @@ LayerNorm): the MoE takes ``intermediate``'s place and computes the whole FFN, a
 identity.
 
 Exactness right after upcycling. Every expert computes the dense ``f``, so the layer gives
-``sum_e w_e(x) f(x) = f(x)`` exactly when each token's combine weights sum to one: the model's function is
-unchanged. Which routers do that (measured on every registered router by ``tests/interop/test_upcycle.py``; the
-table in ``docs/upcycling.md``): token choice with ``order="topk_softmax"`` or ``renormalize=True`` (or ``top_k =
-E``), dropless, and any router whose weights a layer with ``normalize_weights=True`` renormalises, for the tokens
-it routes at all. The defaults of most routers do not: V-MoE's ``softmax_topk`` keeps ``p_1 + p_2 < 1`` and
-expert choice gives a token ``0..E`` experts, which is the paper's initial quality drop (§8.3).
+``sum_e w_e(x) f(x) = f(x)`` when each token's combine weights sum to one: the model's function is unchanged, up
+to the float32 rounding of the router weights (routers compute in float32 whatever the model's dtype). Which
+routers do that is measured on every registered router by ``tests/interop/test_upcycle.py`` (the table in
+``docs/upcycling.md``): token choice with ``order="topk_softmax"`` or ``renormalize=True``, dropless, does; so
+does any sparse router under ``normalize_weights=True``, for the tokens it routes at all. The defaults of most
+routers do not: V-MoE's ``softmax_topk`` keeps ``p_1 + p_2 < 1`` and expert choice gives a token ``0..E``
+experts. This is the paper's initial quality drop (§8.3).
 
 ``noise > 0`` perturbs each expert's copy independently, ``w_e = w + noise * std(w) * N(0, 1)`` per tensor (the
 paper copies exactly; noise breaks the symmetry between experts at the price of exactness). Router and noise

@@ -41,6 +41,22 @@ from smoe.train.parallel import ParallelContext
 __all__ = ["Trainer", "TrainingDiverged", "count_parameters", "has_expert_bias"]
 
 
+def copy_metrics_until(src: pathlib.Path, dst: pathlib.Path, step: int) -> None:
+    """Write the records of ``metrics.jsonl`` file ``src`` with ``step <= step`` to ``dst`` atomically (``dst`` may
+    be ``src``); a line torn by a crash is dropped."""
+    kept = []
+    for line in src.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("step", 0) <= step:
+            kept.append(line)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+    os.replace(tmp, dst)
+
+
 class TrainingDiverged(ValueError):
     """A training step produced a non-finite loss or gradient (``train.on_nonfinite="stop"``), or the weights
     became non-finite; ``step`` is the step that failed. Nothing of that step was applied or checkpointed."""
@@ -154,17 +170,7 @@ class Trainer:
         path = self.metrics_path
         if path is None or not path.exists() or not self.parallel.is_main:
             return
-        kept = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:  # a line torn by the crash
-                continue
-            if rec.get("step", 0) <= step:
-                kept.append(line)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-        os.replace(tmp, path)
+        copy_metrics_until(path, path, step)
 
     # ------------------------------------------------------------------------------------------------ steps
 

@@ -39,6 +39,7 @@ from smoe.train.checkpoint import (
 from smoe.train.load import find_run_dir
 from smoe.train.optim import build_optimizer, build_scheduler
 from smoe.train.run import load_run_config
+from smoe.train.trainer import copy_metrics_until
 
 __all__ = ["upcycle_run", "fork_run", "OPTIMIZER_CHOICES"]
 
@@ -186,19 +187,8 @@ def _tile_moments(model, opt: torch.optim.Optimizer, folder: pathlib.Path, full:
 
 
 def _copy_metrics(src: pathlib.Path, dst: pathlib.Path, step: int) -> None:
-    if not src.is_file():
-        return
-    kept = []
-    for line in src.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if rec.get("step", 0) <= step:
-            kept.append(line)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-    os.replace(tmp, dst)
+    if src.is_file():
+        copy_metrics_until(src, dst, step)
 
 
 def fork_run(checkpoint: str | os.PathLike, out: str | os.PathLike) -> pathlib.Path:
