@@ -22,7 +22,6 @@ import argparse
 import copy
 import json
 import pathlib
-import statistics
 import sys
 import time
 
@@ -166,6 +165,35 @@ def minilm() -> dict:
     return res
 
 
+def smoe_report(res: dict) -> str:
+    """A markdown table: each swap's validation loss and its paired difference from the trained router (token
+    choice), per seed, mean +- 95% t-interval."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    from upcycling import mean_ci  # noqa: PLC0415
+
+    lines = [
+        "| model | router at evaluation | validation loss | swap - token choice, paired | per seed |",
+        "|---|---|---:|---:|---|",
+    ]
+    for key, values in res.items():
+        kind, name = key.split("/")
+        base = res[f"{kind}/token_choice"]
+        m, ci = mean_ci(values)
+        if name == "token_choice":
+            diff = "(trained router)"
+        else:
+            diffs = [v - b for v, b in zip(values, base)]
+            dm, dci = mean_ci(diffs)
+            if all(d == 0 for d in diffs):
+                sign = "identical on every seed"
+            else:
+                sign = "beyond seed noise" if abs(dm) > dci else "within seed noise"
+            diff = f"{dm:+.4f} +- {dci:.4f} ({sign})"
+        seeds = ", ".join(f"{v:.4f}" for v in values)
+        lines.append(f"| {kind} | {name} | {m:.4f} +- {ci:.4f} | {diff} | {seeds} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", help="the output folder of experiments/upcycling.py (trained smoe MoE LMs)")
@@ -185,8 +213,9 @@ def main(argv=None) -> int:
         results["smollm2"] = smollm2(root, args.smollm2_steps, args.eval_batches)
     (root / "results.json").write_text(json.dumps(results, indent=1))
     if "smoe" in results:
-        for key, values in results["smoe"].items():
-            print(f"{key}: {statistics.fmean(values):.4f} (seeds: {', '.join(f'{v:.4f}' for v in values)})")
+        report = smoe_report(results["smoe"])
+        (root / "report.md").write_text(report + "\n", encoding="utf-8")
+        print(report)
     print(json.dumps({k: v for k, v in results.items() if k != "smoe"}, indent=1))
     return 0
 

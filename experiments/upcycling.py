@@ -134,7 +134,9 @@ def run_seed(args, seed: int, root: pathlib.Path) -> dict:
         "upcycled_at_upcycling": upcycled_at_n,
         "extra": extra,
         "curves": curves,
-        "wall_s": time.perf_counter() - t0,
+        "wall_s": time.perf_counter() - t0,  # this call (0 when every arm was already trained)
+        # the three arms' training time (the upcycled run's train_time includes the dense history up to N)
+        "train_s": times["dense"] + extra["upcycled"]["seconds"] + times["scratch"],
     }
 
 
@@ -145,6 +147,24 @@ def _train_time_at(run: pathlib.Path, step: int) -> float:
         if rec.get("split") == "train" and rec["step"] <= step:
             total += rec["step_time"]
     return total
+
+
+def _verdict(m: float, ci: float) -> str:
+    if math.isnan(ci):
+        return "one seed: no interval"
+    if m + ci < 0:
+        return "upcycled lower, beyond seed noise"
+    if m - ci > 0:
+        return "upcycled higher, beyond seed noise"
+    return "within seed noise"
+
+
+def _interp(curve: list, x: float) -> float | None:
+    """Linear interpolation of a ``[(flops, loss), ...]`` curve at ``x``; None outside it."""
+    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return None
 
 
 def report(args, results: list[dict], root: pathlib.Path) -> str:
@@ -162,7 +182,7 @@ def report(args, results: list[dict], root: pathlib.Path) -> str:
         + "{:.4f} +- {:.4f}".format(*mean_ci([r["upcycled_at_upcycling"] for r in results]))
         + f" ({args.router}, top-{args.top_k} of {args.experts} copies).",
         "",
-        "| arm | validation loss | extra training FLOPs after step N | extra seconds (2 cores) |",
+        "| arm | validation loss | extra training FLOPs after step N | extra seconds (measured) |",
         "|---|---:|---:|---:|",
     ]
     for arm in arms:
@@ -173,19 +193,23 @@ def report(args, results: list[dict], root: pathlib.Path) -> str:
     for other in ("dense", "scratch"):
         diffs = [r["final"]["upcycled"] - r["final"][other] for r in results]
         m, ci = mean_ci(diffs)
-        verdict = (
-            "upcycled lower, beyond seed noise"
-            if m + ci < 0
-            else "upcycled higher, beyond seed noise"
-            if m - ci > 0
-            else "within seed noise"
-        )
         lines.append("")
-        lines.append(f"Paired per seed, upcycled - {other}: {m:+.4f} +- {ci:.4f} ({verdict}).")
+        lines.append(f"Paired per seed, upcycled - {other}: {m:+.4f} +- {ci:.4f} ({_verdict(m, ci)}).")
+    # the paper compares at equal compute: the upcycled curve read at the dense arm's final FLOPs
+    at_dense = [_interp(r["curves"]["upcycled"], r["curves"]["dense"][-1][0]) for r in results]
+    if all(v is not None for v in at_dense):
+        diffs = [v - r["final"]["dense"] for v, r in zip(at_dense, results)]
+        m, ci = mean_ci(diffs)
+        lines += [
+            "",
+            "At equal training FLOPs (the upcycled curve interpolated at the dense arm's final FLOPs), upcycled - "
+            f"dense: {m:+.4f} +- {ci:.4f} ({_verdict(m, ci)}).",
+        ]
     lines += [
         "",
-        f"Plot: {(root / 'upcycling.png').name}. Each seed's three arms took "
-        f"{statistics.fmean(r['wall_s'] for r in results):.0f} s.",
+        f"Plot: {(root / 'upcycling.png').name}. Training a seed's three arms took "
+        f"{statistics.fmean(r['train_s'] for r in results):.0f} s (the runs' train_time, evaluation excluded; "
+        f"torch threads: {torch.get_num_threads()}).",
     ]
     return "\n".join(lines)
 
@@ -208,8 +232,9 @@ def plot(results: list[dict], path: pathlib.Path, N_flops: float) -> None:
             ax.fill_between(xs, ys.min(0).values, ys.max(0).values, color=colour, alpha=0.2)
     ax.axvline(N_flops, color="grey", ls=":", lw=1)
     ax.set_xlabel("training FLOPs")
-    ax.set_ylabel("validation loss (nats per token)")
-    ax.set_title("Sparse upcycling vs dense continuation vs MoE from scratch")
+    ax.set_ylabel("validation loss (nats per byte)")
+    band = f"mean of {len(results)} seeds, band: min to max" if len(results) > 1 else "one seed"
+    ax.set_title(f"Sparse upcycling vs dense continuation vs MoE from scratch\n({band})", fontsize=10)
     lo = min(min(v for _, v in r["curves"][a]) for r in results for a in colours)
     ax.set_ylim(lo - 0.05, lo + 1.0)
     ax.legend()

