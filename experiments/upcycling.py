@@ -205,6 +205,15 @@ def report(args, results: list[dict], root: pathlib.Path) -> str:
             "At equal training FLOPs (the upcycled curve interpolated at the dense arm's final FLOPs), upcycled - "
             f"dense: {m:+.4f} +- {ci:.4f} ({_verdict(m, ci)}).",
         ]
+    # and from scratch: its curve read at the upcycled arm's total FLOPs (dense sunk cost included)
+    at_up = [_interp(r["curves"]["scratch"], r["curves"]["upcycled"][-1][0]) for r in results]
+    if all(v is not None for v in at_up):
+        m, ci = mean_ci([r["final"]["upcycled"] - v for v, r in zip(at_up, results)])
+        lines += [
+            "",
+            "At equal total training FLOPs (the from-scratch curve interpolated at the upcycled arm's final FLOPs, the "
+            f"dense steps before N counted), upcycled - scratch: {m:+.4f} +- {ci:.4f} ({_verdict(m, ci)}).",
+        ]
     lines += [
         "",
         f"Plot: {(root / 'upcycling.png').name}. Training a seed's three arms took "
@@ -220,7 +229,7 @@ def plot(results: list[dict], path: pathlib.Path, N_flops: float) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, (ax, dx) = plt.subplots(1, 2, figsize=(12.0, 4.2))
     colours = {"dense": "tab:blue", "upcycled": "tab:red", "scratch": "tab:green"}
     labels = {"dense": "(a) dense, continued", "upcycled": "(b) upcycled at N", "scratch": "(c) MoE from scratch"}
     for arm, colour in colours.items():
@@ -239,6 +248,20 @@ def plot(results: list[dict], path: pathlib.Path, N_flops: float) -> None:
     ax.set_ylim(lo - 0.05, lo + 1.0)
     ax.legend()
     ax.grid(alpha=0.3)
+    # right: each seed's arms minus its own dense curve at the same FLOPs (the seeds' common plateau cancels)
+    for arm in ("upcycled", "scratch"):
+        for i, r in enumerate(results):
+            pts = [(x, v, _interp(r["curves"]["dense"], x)) for x, v in r["curves"][arm] if x >= N_flops]
+            pts = [(x, v - d) for x, v, d in pts if d is not None]
+            if pts:
+                label = f"{labels[arm]} - dense" if i == 0 else None
+                dx.plot(*zip(*pts), color=colours[arm], alpha=0.8, lw=1.2, marker=".", label=label)
+    dx.axhline(0.0, color="tab:blue", lw=1)
+    dx.set_xlabel("training FLOPs, from the upcycling point")
+    dx.set_ylabel("loss minus the same seed's dense loss")
+    dx.set_title("Paired per seed, at equal training FLOPs (one line per seed)", fontsize=10)
+    dx.legend()
+    dx.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
