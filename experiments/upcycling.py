@@ -75,21 +75,19 @@ def run_seed(args, seed: int, root: pathlib.Path) -> dict:
     }
     dense_dir, up_dir, scratch_dir = root / f"dense-s{seed}", root / f"upcycled-s{seed}", root / f"scratch-s{seed}"
     times = {}
+
+    def upcycle_at_n(out: pathlib.Path) -> None:
+        ckpt = dense_dir / "checkpoints" / f"step-{N:08d}"
+        upcycle_run(ckpt, out, num_experts=args.experts, top_k=args.top_k, router=args.router, layers=args.layers,
+                    seed=seed)  # fmt: skip
+
     t0 = time.perf_counter()
     if not (dense_dir / "final.json").exists():
         train_run(resolve_run_config(args.preset, over), dense_dir, progress=False)
     times["dense"] = json.loads((dense_dir / "final.json").read_text())["train_time"]
     if not (up_dir / "final.json").exists():
         if not (up_dir / "config.json").exists():
-            upcycle_run(
-                dense_dir / "checkpoints" / f"step-{N:08d}",
-                up_dir,
-                num_experts=args.experts,
-                top_k=args.top_k,
-                router=args.router,
-                layers=args.layers,
-                seed=seed,
-            )
+            upcycle_at_n(up_dir)
         train_run(None, up_dir, resume=True, progress=False)
     times["upcycled"] = json.loads((up_dir / "final.json").read_text())["train_time"]
     moe_run, _ = load_run_config(up_dir)
@@ -116,15 +114,7 @@ def run_seed(args, seed: int, root: pathlib.Path) -> dict:
     # same checkpoint with the same seed, hence the very model its training started from
     fresh_dir = root / f"upcycled-at-n-s{seed}"
     if not (fresh_dir / "config.json").exists():
-        upcycle_run(
-            dense_dir / "checkpoints" / f"step-{N:08d}",
-            fresh_dir,
-            num_experts=args.experts,
-            top_k=args.top_k,
-            router=args.router,
-            layers=args.layers,
-            seed=seed,
-        )
+        upcycle_at_n(fresh_dir)
     upcycled_at_n = evaluate_run(fresh_dir)["loss"]
     curves["upcycled"][0] = (curves["upcycled"][0][0], upcycled_at_n)
     return {
