@@ -2,7 +2,10 @@
 
 Capacity formulas differ between libraries (reference §12.3); we follow vmoe's ``compute_capacity``:
 ``C = ceil(cf * S * K / E)`` (or ``round``), then rounded *up* to a multiple of ``multiple_of``. vmoe's default
-``multiple_of`` is 4; ours is 1 so that small test groups get exactly the nominal capacity.
+``multiple_of`` is 4; ours is 1 so that small test groups get exactly the nominal capacity. Every router that
+computes a capacity takes it as the option ``capacity_multiple_of``. Expert-choice routers then clamp ``c`` to the
+group size ``S`` (an expert cannot take more tokens than the group has; vmoe's ``top_k`` would fail there), so the
+clamped value need not be a multiple; token-choice capacities are not clamped (``C >= S`` simply drops nothing).
 """
 
 from __future__ import annotations

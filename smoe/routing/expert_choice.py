@@ -19,7 +19,7 @@ from torch import Tensor
 from smoe.routing.base import RouterOutput, RoutingContext
 from smoe.routing.capacity import compute_capacity
 from smoe.routing.gated import GatedRouter
-from smoe.routing.options import real
+from smoe.routing.options import integer, real
 from smoe.routing.plan import SparsePlan
 from smoe.routing.registry import register_router
 
@@ -57,16 +57,29 @@ class ExpertChoiceRouter(GatedRouter):
 
     Args (beyond :class:`~smoe.routing.gated.GatedRouter`, whose balance loss defaults to off here):
         noise_std: optional gaussian noise on the logits in training, sigma = noise_std / E (vmoe), default 0.
+        capacity_multiple_of: round ``c`` up to a multiple of this (:func:`~smoe.routing.capacity.compute_capacity`;
+            default 1, vmoe's ``capacity_multiple_of`` default is 4), then clamp it to ``S``.
     """
 
     couples_tokens = True
     capacity_options = frozenset({"capacity_factor"})
 
-    OPTIONS = {"noise_std": real(ge=0)}
+    OPTIONS = {"noise_std": real(ge=0), "capacity_multiple_of": integer(ge=1)}
 
-    def __init__(self, *, noise_std: float = 0.0, balance_loss_weight: float = 0.0, **kwargs) -> None:
+    def __init__(
+        self, *, noise_std: float = 0.0, capacity_multiple_of: int = 1, balance_loss_weight: float = 0.0, **kwargs
+    ) -> None:
         super().__init__(balance_loss_weight=balance_loss_weight, **kwargs)
         self.noise_std = noise_std
+        self.capacity_multiple_of = capacity_multiple_of
+
+    def capacity(self, group_size: int) -> int:
+        """Tokens per expert and group: ``ceil(cf * S / E)`` (``cf = top_k`` when unset) rounded up to a multiple
+        of ``capacity_multiple_of``, then clamped to ``S`` (an expert cannot take more tokens than the group has;
+        the clamped value need not be a multiple)."""
+        cf = self.capacity_factor if self.capacity_factor is not None else float(self.top_k)
+        c = compute_capacity(group_size, self.num_experts, cf, 1, multiple_of=self.capacity_multiple_of)
+        return min(c, group_size)
 
     def experts_per_token(self, group_size: int | None = None) -> float:
         """The capacity factor: each expert takes ``cf * S / E`` of ``S`` tokens (``top_k`` when it is ``None``)."""
@@ -80,8 +93,6 @@ class ExpertChoiceRouter(GatedRouter):
         if self.training and self.noise_std > 0:
             logits_TE = logits_TE + (self.noise_std / E) * torch.randn_like(logits_TE)
         probs_TE = logits_TE.softmax(dim=-1)
-        cf = self.capacity_factor if self.capacity_factor is not None else float(self.top_k)
-        capacity = compute_capacity(S, E, cf, 1)
-        plan = expert_choice_plan(probs_TE.view(G, S, E), capacity)
+        plan = expert_choice_plan(probs_TE.view(G, S, E), self.capacity(S))
         losses, total = self.standard_losses(logits_TE.view(G, S, E), probs_TE.view(G, S, E), None)
         return RouterOutput(plan=plan, losses=losses, loss=total, probs_TE=probs_TE)

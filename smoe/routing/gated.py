@@ -13,7 +13,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smoe.routing.base import Router, router_logits_fp32
-from smoe.routing.losses import importance_loss, load_loss, router_z_loss, switch_balance_loss
+from smoe.routing.losses import (
+    gshard_balance_loss,
+    importance_loss,
+    load_loss,
+    router_z_loss,
+    switch_balance_loss,
+)
 from smoe.routing.options import choice, flag, int_tuple, real
 
 __all__ = ["GatedRouter", "MLPGate"]
@@ -52,7 +58,18 @@ class GatedRouter(Router):
         num_experts: ``E``.
         top_k: ``K``.
         capacity_factor: capacity factor or ``None``.
-        balance_loss_weight: weight of the Switch load-balancing loss (``alpha = 1e-2`` in Switch).
+        balance_loss_weight: weight of the load-balancing loss (``alpha = 1e-2`` in Switch). Hugging Face's
+            ``load_balancing_loss_func`` (Mixtral family) divides the expert counts by the number of tokens where
+            :func:`~smoe.routing.losses.switch_balance_loss` divides by tokens times ``K``, so its value is ``K``
+            times ours and ``balance_loss_weight = router_aux_loss_coef * K`` reproduces HF's weighted loss and its
+            gradient. HF pools the tokens of the whole batch and of all layers into one loss, so the identity
+            holds for one layer's tokens taken as one group (one routing group, or ``balance_loss_scope="global"``).
+        balance_loss_type: ``"switch"`` (default): :func:`~smoe.routing.losses.switch_balance_loss`, counting all
+            ``K`` choices, on the clean probabilities. ``"gshard"``: GShard's ``l_aux``
+            (:func:`~smoe.routing.losses.gshard_balance_loss`), counting only each token's top-1 choice, on the
+            gates the router routed with, as vmoe does: with noisy gating (``token_choice``'s gaussian noise) the
+            *noisy* softmax, both for the top-1 counts and for the mean gates (vmoe
+            ``NoisyTopExpertsPerItemRouter``). Routers without noise pass their probabilities for both.
         z_loss_weight: weight of the ST-MoE router z-loss (``1e-3`` in ST-MoE).
         importance_loss_weight: weight of the V-MoE importance loss (0.005 in V-MoE).
         load_loss_weight: weight of the V-MoE load loss (0.005 in V-MoE; needs gaussian noise).
@@ -74,6 +91,7 @@ class GatedRouter(Router):
         "gate_hidden_dims": int_tuple(),
         "gate_bias": flag(),
         "balance_loss_scope": choice("group", "global"),
+        "balance_loss_type": choice("switch", "gshard"),
     }
 
     def __init__(
@@ -91,6 +109,7 @@ class GatedRouter(Router):
         gate_hidden_dims: tuple[int, ...] = (),
         gate_bias: bool = False,
         balance_loss_scope: str = "group",
+        balance_loss_type: str = "switch",
         device=None,
         dtype=None,
     ) -> None:
@@ -100,7 +119,10 @@ class GatedRouter(Router):
             raise ValueError(f"gate_hidden_dims must be positive integers, got {gate_hidden_dims!r}")
         if balance_loss_scope not in ("group", "global"):
             raise ValueError(f"balance_loss_scope must be 'group' or 'global', got {balance_loss_scope!r}")
+        if balance_loss_type not in ("switch", "gshard"):
+            raise ValueError(f"balance_loss_type must be 'switch' or 'gshard', got {balance_loss_type!r}")
         self.balance_loss_scope = balance_loss_scope
+        self.balance_loss_type = balance_loss_type
         self.capacity_factor = capacity_factor
         self.balance_loss_weight = balance_loss_weight
         self.z_loss_weight = z_loss_weight
@@ -127,12 +149,26 @@ class GatedRouter(Router):
         expert_idx_GSK: Tensor | None,
         noisy_logits_GSE: Tensor | None = None,
         noise_std: float = 0.0,
+        routed_probs_GSE: Tensor | None = None,
     ) -> tuple[dict[str, Tensor], Tensor]:
-        """Compute the enabled losses; returns ``(unweighted losses by name, weighted sum)``."""
+        """Compute the enabled losses; returns ``(unweighted losses by name, weighted sum)``.
+
+        Args:
+            logits_GSE: ``(G, S, E)`` clean logits (z-loss, load loss).
+            probs_GSE: ``(G, S, E)`` clean probabilities (importance loss, the Switch balance loss).
+            expert_idx_GSK: ``(G, S, K)`` the router's choices, best first, or ``None`` (no balance loss).
+            noisy_logits_GSE, noise_std: the noisy logits and the noise std of the load loss.
+            routed_probs_GSE: ``(G, S, E)`` the (noisy) gates the router chose with, for the GShard balance loss;
+                ``None``: ``probs_GSE``.
+        """
         losses: dict[str, Tensor] = {}
         total = logits_GSE.new_zeros(())
         if self.balance_loss_weight and expert_idx_GSK is not None:
-            losses["balance"] = switch_balance_loss(probs_GSE, expert_idx_GSK, scope=self.balance_loss_scope)
+            if self.balance_loss_type == "gshard":
+                gates_GSE = probs_GSE if routed_probs_GSE is None else routed_probs_GSE
+                losses["balance"] = gshard_balance_loss(gates_GSE, expert_idx_GSK, scope=self.balance_loss_scope)
+            else:
+                losses["balance"] = switch_balance_loss(probs_GSE, expert_idx_GSK, scope=self.balance_loss_scope)
             total = total + self.balance_loss_weight * losses["balance"]
         if self.z_loss_weight:
             losses["z"] = router_z_loss(logits_GSE)

@@ -134,14 +134,30 @@ class _GraphRouter(GatedRouter):
         self_weight: ``a``, the weight of the token's own distribution (0: pure graph mixing; unconfirmed).
         mix: ``"probs"`` (mix the softmax probabilities) or ``"logits"`` (mix logits, then softmax).
         renormalize: renormalise the K selected weights to sum to one.
+        capacity_multiple_of: with a ``capacity_factor``, round the per-expert capacity up to a multiple of this
+            (:func:`~smoe.routing.capacity.compute_capacity`); default 1, vmoe's default is 4.
     """
 
     capacity_options = frozenset({"capacity_factor"})
 
-    OPTIONS = {"self_weight": real(ge=0, le=1), "mix": choice("probs", "logits"), "renormalize": flag()}
+    OPTIONS = {
+        "self_weight": real(ge=0, le=1),
+        "mix": choice("probs", "logits"),
+        "renormalize": flag(),
+        "capacity_multiple_of": integer(ge=1),
+    }
 
-    def __init__(self, *, self_weight: float = 0.0, mix: str = "probs", renormalize: bool = True, **kwargs) -> None:
+    def __init__(
+        self,
+        *,
+        self_weight: float = 0.0,
+        mix: str = "probs",
+        renormalize: bool = True,
+        capacity_multiple_of: int = 1,
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
+        self.capacity_multiple_of = capacity_multiple_of
         if not 0.0 <= self_weight <= 1.0:
             raise ValueError(f"self_weight must be in [0, 1], got {self_weight!r}")
         if mix not in ("probs", "logits"):
@@ -165,7 +181,9 @@ class _GraphRouter(GatedRouter):
         weight_TK, expert_idx_TK = probs_TE.topk(K, dim=-1)
         if self.renormalize:
             weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-        keep_TK = token_choice_keep_mask(expert_idx_TK, S, E, self.capacity_factor)
+        keep_TK = token_choice_keep_mask(
+            expert_idx_TK, S, E, self.capacity_factor, multiple_of=self.capacity_multiple_of
+        )
         plan = sparse_plan_from_topk(expert_idx_TK, weight_TK, E, keep_TK)
         losses, total = self.standard_losses(
             logits_TE.view(G, S, E), probs_TE.view(G, S, E), expert_idx_TK.view(G, S, K)

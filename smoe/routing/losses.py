@@ -13,17 +13,22 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["switch_balance_loss", "router_z_loss", "importance_loss", "load_loss", "cv_squared"]
+__all__ = ["switch_balance_loss", "gshard_balance_loss", "router_z_loss", "importance_loss", "load_loss", "cv_squared"]
 
 
 def switch_balance_loss(
     probs_GSE: Tensor, expert_idx_GSK: Tensor, *, scope: str = "group", process_group=None
 ) -> Tensor:
-    """Switch Transformer load-balancing loss ``E * sum_i f_i * P_i`` (Fedus et al. 2021, eq. 4; GShard l_aux).
+    """Switch Transformer load-balancing loss ``E * sum_i f_i * P_i`` (Fedus et al. 2021, eq. 4), over all ``K``
+    choices.
 
     ``f_i`` is the fraction of the ``S*K`` assignments that chose expert ``i`` (before capacity dropping;
     Megatron-Core's normalisation by ``S*K``, so that the loss is 1 at perfect balance for every ``K``), ``P_i`` the
-    mean router probability of expert ``i``. Gradients flow through ``P`` only.
+    mean router probability of expert ``i``. Gradients flow through ``P`` only. For ``K = 1`` this is Switch's
+    eq. 4 and equals GShard's ``l_aux``; for ``K > 1`` it counts every choice, while GShard's ``l_aux``
+    (:func:`gshard_balance_loss`) counts only the top-1 choices. Hugging Face's ``load_balancing_loss_func``
+    (Mixtral family) normalises the counts by ``S`` instead of ``S*K``, so its value is ``K`` times this one (on
+    the same tokens and probabilities).
 
     ``scope="group"`` (default) computes the loss per routing group and averages over groups. ``scope="global"``
     takes ``f`` over every assignment of the call and, when ``torch.distributed`` is initialised, over every rank of
@@ -58,6 +63,29 @@ def switch_balance_loss(
     f_E = counts_E1[:E] / counts_E1[E]
     P_E = probs_GSE.mean(dim=(0, 1))
     return E * (f_E * P_E).sum()
+
+
+def gshard_balance_loss(
+    probs_GSE: Tensor, expert_idx_GSK: Tensor, *, scope: str = "group", process_group=None
+) -> Tensor:
+    """GShard auxiliary loss ``l_aux = E^2 * mean_i(ce_i * me_i) = E * sum_i ce_i * me_i`` (Lepikhin et al. 2020,
+    Algorithm 1; vmoe ``NoisyTopExpertsPerItemRouter._gshard_auxiliary_loss``, whose ``E^2`` follows lingvo).
+
+    ``ce_i`` is the fraction of the ``S`` tokens whose *top-1* choice is expert ``i`` (vmoe: the argmax of the
+    gates, which is the first of the router's choices for softmax top-k), ``me_i`` the mean gate of expert ``i``;
+    the later choices of a top-k router do not count. This is :func:`switch_balance_loss` on the first choice
+    only, with the same ``scope`` and per-group averaging. vmoe passes the gates it routed with: the *noisy* gates
+    when noise is on (the router chooses which probabilities to pass).
+
+    Args:
+        probs_GSE: ``(G, S, E)`` gates (softmax probabilities).
+        expert_idx_GSK: ``(G, S, K)`` selected experts, best first; only ``[..., 0]`` is read.
+        scope / process_group: as :func:`switch_balance_loss`.
+
+    Returns:
+        Scalar loss; 1.0 when routing is uniform.
+    """
+    return switch_balance_loss(probs_GSE, expert_idx_GSK[..., :1], scope=scope, process_group=process_group)
 
 
 def router_z_loss(logits_GSE: Tensor) -> Tensor:

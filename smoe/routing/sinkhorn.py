@@ -178,6 +178,9 @@ class SinkhornRouter(GatedRouter):
         renormalize: divide each token's kept weights by their sum (off in Megatron and vmoe). Token choice only.
         eval_sinkhorn: also select on the plan in evaluation (vmoe); default ``False``: plain top-k (Megatron).
         noise_std: gaussian noise ``noise_std / E`` on the logits of the *plan* in training (vmoe), default 0.
+        capacity_multiple_of: round the capacity (expert choice: ``c``, then clamped to ``S``; token choice: the
+            ``capacity_factor`` buffer) up to a multiple of this (:func:`~smoe.routing.capacity.compute_capacity`);
+            default 1, vmoe's default is 4.
     """
 
     couples_tokens = True
@@ -192,6 +195,7 @@ class SinkhornRouter(GatedRouter):
         "renormalize": flag(),
         "eval_sinkhorn": flag(),
         "noise_std": real(ge=0),
+        "capacity_multiple_of": integer(ge=1),
     }
 
     def __init__(
@@ -205,6 +209,7 @@ class SinkhornRouter(GatedRouter):
         renormalize: bool = False,
         eval_sinkhorn: bool = False,
         noise_std: float = 0.0,
+        capacity_multiple_of: int = 1,
         balance_loss_weight: float = 0.0,
         **kwargs,
     ) -> None:
@@ -224,6 +229,7 @@ class SinkhornRouter(GatedRouter):
         self.variant, self.score_fn, self.renormalize = variant, score_fn, renormalize
         self.epsilon, self.num_iters, self.tol = epsilon, num_iters, tol
         self.eval_sinkhorn, self.noise_std = eval_sinkhorn, noise_std
+        self.capacity_multiple_of = capacity_multiple_of
 
     def balanced_plan(self, logits_GSE: Tensor) -> Tensor:
         """``(G, S, E)`` Sinkhorn plan of the logits, without gradient (selection only)."""
@@ -251,7 +257,7 @@ class SinkhornRouter(GatedRouter):
             select_TE = probs_TE.detach()  # plain top-k / expert choice on the router probabilities
         if self.variant == "expert_choice":
             cf = self.capacity_factor if self.capacity_factor is not None else float(K)
-            capacity = compute_capacity(S, E, cf, 1)
+            capacity = min(compute_capacity(S, E, cf, 1, multiple_of=self.capacity_multiple_of), S)
             chosen = expert_choice_plan(select_TE.view(G, S, E), capacity)
             plan = dataclasses.replace(chosen, weight_N=probs_TE[chosen.token_idx_N, chosen.expert_idx_N])
             expert_idx_GSK = None
@@ -269,7 +275,9 @@ class SinkhornRouter(GatedRouter):
         weight_TK = gate_TE.gather(1, expert_idx_TK)
         if self.renormalize:
             weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-        keep_TK = token_choice_keep_mask(expert_idx_TK, S, E, self.capacity_factor)
+        keep_TK = token_choice_keep_mask(
+            expert_idx_TK, S, E, self.capacity_factor, multiple_of=self.capacity_multiple_of
+        )
         return sparse_plan_from_topk(expert_idx_TK, weight_TK, E, keep_TK), expert_idx_TK.view(G, S, K)
 
     def extra_repr(self) -> str:

@@ -99,6 +99,8 @@ class SSRRouter(GatedRouter):
         num_iters, tol: Sinkhorn iteration cap (100) and tolerance (1e-4).
         grad_through_plan: differentiate the OT-row gates through the plan (default ``True``).
         renormalize: renormalise the softmax-branch top-k weights (default ``True``).
+        capacity_multiple_of: with a ``capacity_factor``, round the per-expert capacity up to a multiple of this
+            (:func:`~smoe.routing.capacity.compute_capacity`); default 1, vmoe's default is 4.
     """
 
     OPTIONS = {
@@ -111,6 +113,7 @@ class SSRRouter(GatedRouter):
         "tol": real(ge=0),
         "grad_through_plan": flag(),
         "renormalize": flag(),
+        "capacity_multiple_of": integer(ge=1),
     }
 
     def __init__(
@@ -125,6 +128,7 @@ class SSRRouter(GatedRouter):
         tol: float | None = 1e-4,
         grad_through_plan: bool = True,
         renormalize: bool = True,
+        capacity_multiple_of: int = 1,
         balance_loss_weight: float = 0.0,
         **kwargs,
     ) -> None:
@@ -141,6 +145,7 @@ class SSRRouter(GatedRouter):
         self.fraction, self.select, self.token_rule, self.cost = fraction, select, token_rule, cost
         self.epsilon, self.num_iters, self.tol = epsilon, num_iters, tol
         self.grad_through_plan, self.renormalize = grad_through_plan, renormalize
+        self.capacity_multiple_of = capacity_multiple_of
         # training calls seen so far (select="steps"); persistent so that a resumed run continues the schedule
         self.register_buffer("ot_step", torch.zeros((), dtype=torch.long), persistent=True)
 
@@ -195,7 +200,9 @@ class SSRRouter(GatedRouter):
             ot_fraction = ot_GS.float().mean()
         else:
             ot_fraction = logits_TE.new_zeros(())
-        keep_TK = token_choice_keep_mask(expert_idx_TK, S, E, self.capacity_factor)
+        keep_TK = token_choice_keep_mask(
+            expert_idx_TK, S, E, self.capacity_factor, multiple_of=self.capacity_multiple_of
+        )
         plan = sparse_plan_from_topk(expert_idx_TK, weight_TK, E, keep_TK)
         losses, total = self.standard_losses(
             logits_TE.view(G, S, E), probs_TE.view(G, S, E), expert_idx_TK.view(G, S, K)

@@ -207,6 +207,8 @@ class XMoERouter(Router):
             torchscale (``normalize_gate_prob_before_dropping``).
         second_expert_policy: ``"all"`` or ``"random"`` (keep the second choice with probability ``2 * g_2`` in
             training; ``K <= 2``); default ``"random"`` for torchscale with ``K == 2``, else ``"all"``.
+        capacity_multiple_of: with a ``capacity_factor``, round the capacity up to a multiple of this
+            (:func:`~smoe.routing.capacity.compute_capacity`); default 1, vmoe's default is 4.
         device: parameter device.
         dtype: parameter dtype (the math runs in float32).
     """
@@ -222,6 +224,7 @@ class XMoERouter(Router):
         "balance_loss_weight": real(ge=0),
         "renormalize": flag(none=True),
         "second_expert_policy": choice("all", "random", none=True),
+        "capacity_multiple_of": integer(ge=1),
     }
 
     def __init__(
@@ -241,6 +244,7 @@ class XMoERouter(Router):
         balance_loss_weight: float = 0.01,
         renormalize: bool | None = None,
         second_expert_policy: str | None = None,
+        capacity_multiple_of: int = 1,
         device=None,
         dtype=None,
     ) -> None:
@@ -283,6 +287,7 @@ class XMoERouter(Router):
         if second_expert_policy == "random" and top_k > 2:
             raise ValueError(f"second_expert_policy='random' is defined for top_k <= 2, got top_k={top_k}")
         self.capacity_factor = capacity_factor
+        self.capacity_multiple_of = capacity_multiple_of
         self.variant, self.gating, self.routing_dim = variant, gating, routing_dim
         self.balance_loss_weight = balance_loss_weight
         self.renormalize = (torchscale and top_k >= 2) if renormalize is None else renormalize
@@ -356,7 +361,7 @@ class XMoERouter(Router):
             sampled_TK = torch.stack([torch.ones_like(sampled_T), sampled_T], dim=1)
         keep_TK = sampled_TK
         if self.capacity_factor is not None:
-            capacity = compute_capacity(S, E, self.capacity_factor, K)
+            capacity = compute_capacity(S, E, self.capacity_factor, K, multiple_of=self.capacity_multiple_of)
             if sampled_TK is None:
                 keep_TK = capacity_keep_mask(expert_idx_TK.view(G, S, K), capacity, E).view(T, K)
             else:
