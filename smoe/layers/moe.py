@@ -111,6 +111,15 @@ def _normalized(plan: SparsePlan) -> SparsePlan:
     return dataclasses.replace(plan, weight_N=weight_N)
 
 
+def _weighted_rows(x_RD: Tensor, plan: SparsePlan) -> tuple[Tensor, SparsePlan]:
+    """``(x_ND, plan')``: row ``n`` is ``weight_N[n] * x[gather_idx_N[n]]`` and ``plan'`` reads row ``n`` with
+    weight 1 (``weight_inputs``: the combine weight moved to the expert's input)."""
+    weight_N = plan.weight_N.to(x_RD.dtype)
+    x_ND = x_RD.index_select(0, plan.gather_idx_N) * weight_N.unsqueeze(-1)
+    source_idx_N = torch.arange(plan.num_rows, device=x_RD.device)
+    return x_ND, dataclasses.replace(plan, weight_N=torch.ones_like(weight_N), source_idx_N=source_idx_N)
+
+
 class DTypeMismatchError(ValueError, RuntimeError):
     """The input's dtype does not fit the layer's parameters. A ``ValueError`` (bad input) that is also the
     ``RuntimeError`` ``nn.Linear`` raises in the same case, so code written for either catches it."""
@@ -155,6 +164,10 @@ class MoE(nn.Module):
             sum over the experts that took it, so that they sum to one ("normalize weights after routing", Sparse
             Upcycling, Komatsuzaki et al. 2023, §3.1, vision). A token no expert took keeps an output of zero.
             Sparse plans only (a Soft MoE router is refused).
+        weight_inputs: apply each assignment's combine weight to the expert's *input* instead of its output,
+            ``y = sum_e f_e(w_e x)`` rather than ``sum_e w_e f_e(x)`` (Llama-4's ``Llama4TextMoe``, whose top-1
+            sigmoid score scales the token before the expert). The same for a linear expert only. Sparse plans
+            only.
     """
 
     def __init__(
@@ -182,6 +195,7 @@ class MoE(nn.Module):
         router_kwargs: dict | None = None,
         check_inputs: bool = True,
         normalize_weights: bool = False,
+        weight_inputs: bool = False,
         device=None,
         dtype=None,
     ) -> None:
@@ -250,6 +264,14 @@ class MoE(nn.Module):
                 f"{self.router.name!r} makes a {self.router.plan_kind} plan"
             )
         self.normalize_weights = normalize_weights
+        if not isinstance(weight_inputs, bool):
+            raise ValueError(f"weight_inputs must be True or False, got {weight_inputs!r}")
+        if weight_inputs and self.router.plan_kind != "sparse":
+            raise ValueError(
+                f"weight_inputs=True scales the rows of a sparse plan; router {self.router.name!r} makes a "
+                f"{self.router.plan_kind} plan"
+            )
+        self.weight_inputs = weight_inputs
 
         # 2. the dispatcher (before the experts: it says how many of them live in this process)
         if isinstance(dispatcher, str):
@@ -478,7 +500,10 @@ class MoE(nn.Module):
         plan = routed.plan if not self.normalize_weights else _normalized(routed.plan)
         # dispatch -> experts -> combine (the router may add rows: S2MoE's noisy copy)
         rows_RD = x_TD if routed.inputs_RD is None else routed.inputs_RD
-        y_T = run_plan(rows_RD, plan, self.experts, self.backend, self.dispatcher)
+        run = plan
+        if self.weight_inputs:  # one engine row per assignment, already scaled; combined with weight 1
+            rows_RD, run = _weighted_rows(rows_RD, plan)
+        y_T = run_plan(rows_RD, run, self.experts, self.backend, self.dispatcher)
         y = self._ungroup(y_T, x.shape[:-1], BL)
         # + the shared expert
         if self.shared_expert is not None:
@@ -500,4 +525,5 @@ class MoE(nn.Module):
             f"top_k={self.top_k}, capacity_factor={self.capacity_factor}, group_mode={self.group_mode}, "
             f"group_size={self.group_size}, causal={self.causal}, dispatcher={self.dispatcher!r}"
             + (", normalize_weights=True" if self.normalize_weights else "")
+            + (", weight_inputs=True" if self.weight_inputs else "")
         )

@@ -16,9 +16,9 @@ F64 = torch.float64
 
 
 def test_registry_lists_and_refuses():
-    assert smoe.list_experts() == ["gelu", "relu", "swiglu"]
+    assert smoe.list_experts() == ["clamped_swiglu", "gelu", "relu", "swiglu"]
     assert smoe.get_experts("relu") is ReLUExperts
-    with pytest.raises(ValueError, match="expected one of \\['gelu', 'relu', 'swiglu'\\]"):
+    with pytest.raises(ValueError, match="expected one of \\['clamped_swiglu', 'gelu', 'relu', 'swiglu'\\]"):
         smoe.get_experts("tanh")
     with pytest.raises(ValueError, match="expert type 'gelu'.*colour"):
         smoe.build_experts("gelu", dim=4, hidden_dim=8, num_experts=2, colour="blue")
@@ -71,7 +71,7 @@ def test_forward_runs_each_expert_on_its_segment():
 
 
 def test_activation_table():
-    assert sorted(ACTIVATIONS) == ["gelu", "relu", "swiglu"]
+    assert sorted(ACTIVATIONS) == ["clamped_swiglu", "gelu", "relu", "swiglu"]
     assert get_activation("swiglu").gated and not get_activation("gelu").gated
     h1, h3 = torch.randn(4), torch.randn(4)
     torch.testing.assert_close(get_activation("swiglu")(h1, h3), F.silu(h1) * h3)
