@@ -35,3 +35,21 @@ def test_upcycling_experiment_quick_then_training_free_swaps(tmp_path):
     assert len(smoe_results["upcycled/usmoe"]) == 2 and all(v > 0 for v in smoe_results["scratch/expert_choice"])
     report = (swaps / "report.md").read_text()
     assert "| upcycled | usmoe |" in report and "swap - token choice, paired" in report
+
+
+def test_claims_quick(tmp_path):
+    out = tmp_path / "claims"
+    done = subprocess.run(
+        [sys.executable, str(EXP / "claims.py"), "--quick", "--seeds", "2", "--threads", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=900, env={"OMP_NUM_THREADS": "1", "PATH": ""},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((out / "claims.json").read_text())
+    assert set(record["claims"]) == {"lm", "s2moe", "vision", "momentum", "bpr", "vae"}
+    rows = [r for part in record["claims"].values() for r in part["rows"]]
+    assert len(rows) == 14
+    for r in rows:  # every row measured on both seeds, with a mechanical verdict
+        assert r["paired"]["n"] == 2, r["claim"]
+        assert r["verdict"] in ("holds", "does not hold", "inconclusive at this scale")
+    table = (out / "claims.md").read_text()
+    assert table.count("\n| ") == 14 and "Expert choice beats token choice" in table

@@ -105,6 +105,7 @@ def probe_routing(
 
         return hook
 
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     handles = [m.register_forward_hook(hook_for(n)) for n, m in layers]
     was_training = model.training
     model.eval()
@@ -112,7 +113,7 @@ def probe_routing(
         with torch.no_grad():
             for inputs, labels in batches:
                 current["labels"] = labels
-                (call or (lambda m, x: m(x)))(model, inputs)
+                (call or (lambda m, x: m(x)))(model, inputs.to(device))
     finally:
         for h in handles:
             h.remove()

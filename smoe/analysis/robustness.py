@@ -31,11 +31,12 @@ def accuracy(model: nn.Module, images_NCHW: Tensor, labels_N: Tensor, *, batch_s
     was = model.training
     model.eval()
     correct = 0
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     try:
         with torch.no_grad():
             for i in range(0, labels_N.shape[0], batch_size):
-                logits = model(images_NCHW[i : i + batch_size]).logits
-                correct += int((logits.argmax(-1) == labels_N[i : i + batch_size]).sum())
+                logits = model(images_NCHW[i : i + batch_size].to(device)).logits
+                correct += int((logits.argmax(-1).cpu() == labels_N[i : i + batch_size]).sum())
     finally:
         model.train(was)
     return correct / max(labels_N.shape[0], 1)
@@ -110,10 +111,12 @@ def contaminated_loss(
     was = model.training
     model.eval()
     total = 0.0
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     try:
         with torch.no_grad():
             for x, y in batches:
-                xc = substitute_tokens(x, rate, vocab_size, generator=g)
+                xc = substitute_tokens(x, rate, vocab_size, generator=g).to(device)
+                y = y.to(device)
                 loss = call(model, xc, y) if call is not None else model(xc, y).loss
                 total += float(loss)
     finally:

@@ -17,7 +17,7 @@ __all__ = ["build_parser", "main"]
 
 EPILOG = """examples:
   smoe study --quick                       # every router on the same budget, leaderboard + report (~2 min)
-  smoe study                               # the default study on Shakespeare (~10 min on 2 CPU cores)
+  smoe study                               # the default study: 5 routers x 2 seeds, 95% intervals (~15 min)
   smoe train --preset lm_small --set moe.top_k=1 --out runs/top1
   smoe eval runs/top1 --split test
   smoe analyze runs/top1                   # collapse, fluctuation, robustness, specialisation of a run

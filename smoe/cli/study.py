@@ -8,7 +8,7 @@ from smoe.cli.common import add_run_flags, positive_int, run_overrides
 
 EPILOG = """examples:
   smoe study --quick                                   # smoke test: debug model, tiny budget (~1-2 min)
-  smoe study                                           # default: lm_small on Shakespeare (~10 min on 2 CPU cores)
+  smoe study                                           # default: lm_study on Shakespeare, 5 routers x 2 seeds (~15 min)
   smoe study --routers token_choice,expert_choice,usmoe --seeds 3
   smoe study --task vision                             # V-MoE on Fashion-MNIST, ranked by accuracy
   smoe study --steps 1000 --set moe.num_experts=16 --out runs/e16
@@ -33,7 +33,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_run_flags(p, default_preset=None)
     p.add_argument("--task", choices=("lm", "vision"), default="lm", help="language modelling (default) or vision")
     p.add_argument("--routers", help="comma-separated routers/variants (default: a representative set)")
-    p.add_argument("--seeds", type=positive_int, default=1, help="runs per router (default 1)")
+    p.add_argument(
+        "--seeds", type=positive_int, default=2, help="runs per router (default 2: every number gets a 95%% interval)"
+    )
+    p.add_argument(
+        "--no-measures",
+        action="store_true",
+        help="skip the papers' measurements (collapse, specialisation, fluctuation, robustness) of every run",
+    )
     p.add_argument("--quick", action="store_true", help="debug preset and tiny budget, for smoke tests")
     p.add_argument(
         "--resume",
@@ -65,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         resume=args.resume,
         device=args.device,
+        measure=not args.no_measures,
     )
     result = run_study(cfg)
     print()

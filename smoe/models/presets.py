@@ -179,6 +179,17 @@ def lm_small() -> LMConfig:
     )
 
 
+@register_preset("lm_study")
+def lm_study() -> LMConfig:
+    """The default router study's LM: ``lm_small`` at width 64 and depth 2 (8 SwiGLU experts of F=256, top-2,
+    dropless, context 128). About 3x faster per step than ``lm_small``, so that 800 steps -- past the byte-level
+    plateau near 2.5 nats, which ``lm_small`` has not left at the old 300-step budget -- fit 2 seeds of 5 routers in
+    about 15 minutes on 2 CPU cores (measured 2026-12-03: validation loss 2.55 at step 200, 2.08 at step 800)."""
+    cfg = lm_small()
+    cfg.dim, cfg.depth = 64, 2
+    return cfg
+
+
 @register_preset("lm_small_dense")
 def lm_small_dense() -> LMConfig:
     """The dense counterpart of ``lm_small``: the same trunk with a dense SwiGLU FFN of width 512 in every block

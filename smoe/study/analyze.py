@@ -16,6 +16,10 @@ For a run folder (its newest checkpoint) or one checkpoint folder, on the run's 
 * **adaptive compute** (V-MoE), vision with a capacity-limited router: accuracy and processed fraction vs the
   evaluation capacity factor, vanilla vs Batch Prioritized Routing (:mod:`smoe.analysis.capacity_curve`).
 
+For an SMoE-VAE run the routed representations are the latents ``z`` and the labels the sketch categories: RC,
+expert/category specialisation and the t-SNE of the latents per expert (the paper's Fig. 3-style plot); the
+robustness and capacity measurements do not apply.
+
 Everything is written to ``out`` (default ``RUN/analysis``): ``analysis.json``, ``analysis.md`` and the plots.
 """
 
@@ -110,6 +114,8 @@ def _probe_batches(task: str, data, n: int, batch_size: int = 64):
                 break
         return out
     m = min(n, data.splits.size("test"))
+    if m >= batch_size:
+        m -= m % batch_size  # whole batches (V-MoE image groups divide them)
     return [data.splits.batch("test", torch.arange(i, min(i + batch_size, m))) for i in range(0, m, batch_size)]
 
 
@@ -118,7 +124,11 @@ def _call(task: str):
 
 
 def _test_set(data, n: int):
+    """The first ``n`` test images, rounded down to a multiple of 64 (V-MoE routes in groups of whole images, so a
+    group size must divide every batch) unless the split is smaller."""
     m = min(n, data.splits.size("test"))
+    if m >= 64:
+        m -= m % 64
     return data.splits.batch("test", torch.arange(m))
 
 
@@ -128,8 +138,8 @@ def analyze_run(path, out=None, options: AnalysisOptions | None = None, *, devic
     t0 = time.time()
     model, data, run, ckpt, run_dir, step = _load(path, device)
     task = run.task
-    if task not in ("lm", "vision"):
-        raise ValueError(f"smoe analyze measures language and vision runs; this run's task is {task!r}")
+    if task not in ("lm", "vision", "vae"):
+        raise ValueError(f"smoe analyze measures language, vision and SMoE-VAE runs; this run's task is {task!r}")
     out = pathlib.Path(out) if out is not None else run_dir / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     result: dict = {"run": str(run_dir), "checkpoint": str(ckpt), "step": step, "task": task, "plots": {}}

@@ -33,7 +33,73 @@ _AVG_KEYS = (
     "num_parameters",
     "num_active_parameters",
     "train_time",
+    "rc",
+    "nmi",
+    "fluct",
+    "robust",
 )
+#: columns that get no interval (deterministic, or machine-dependent)
+_NO_CI = ("num_parameters", "num_active_parameters", "tokens_per_s", "train_time")
+#: two-sided 95% Student-t quantiles t_{0.975, df}; a df between entries takes the next lower one (wider)
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000}  # fmt: skip
+
+
+def t975(df: int) -> float:
+    """The two-sided 95% Student-t quantile for ``df >= 1`` degrees of freedom (1.96 beyond 60)."""
+    if df < 1:
+        raise ValueError(f"a t interval needs df >= 1, got {df}")
+    if df > 60:
+        return 1.96
+    return _T975[max(k for k in _T975 if k <= df)]
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """``(mean, half-width of the 95% t interval)``; the half-width is ``nan`` for fewer than 2 finite values."""
+    v = [x for x in values if isinstance(x, int | float) and math.isfinite(x)]
+    if not v:
+        return math.nan, math.nan
+    m = statistics.fmean(v)
+    if len(v) < 2:
+        return m, math.nan
+    return m, t975(len(v) - 1) * statistics.stdev(v) / math.sqrt(len(v))
+
+
+#: (key, better): the quality and measurement columns compared with the baseline router, paired by seed
+def _compared(task: str) -> list[tuple[str, str]]:
+    quality = ("accuracy", "higher") if task == "vision" else ("loss", "lower")
+    robust = ("robust", "higher") if task == "vision" else ("robust", "lower")
+    return [quality, ("rc", "higher"), ("nmi", "higher"), ("fluct", "lower"), robust]
+
+
+def paired_differences(runs, task: str, baseline: str) -> dict[str, dict[str, dict]]:
+    """``{router: {key: {"diff", "ci", "n", "beyond"}}}``: router minus ``baseline`` per seed, mean and 95% t
+    interval over the seeds both ran; ``beyond`` when the interval excludes 0 (a difference beyond seed noise)."""
+    by: dict[tuple[str, int], dict] = {(r.variant.name, r.seed): r.final for r in runs if r.error is None}
+    names = list(dict.fromkeys(r.variant.name for r in runs))
+    out: dict[str, dict[str, dict]] = {}
+    for name in names:
+        if name == baseline:
+            continue
+        cmp: dict[str, dict] = {}
+        for key, _ in _compared(task):
+            diffs = []
+            for (router, seed), final in by.items():
+                base = by.get((baseline, seed))
+                if router == name and base is not None and key in final and key in base:
+                    d = final[key] - base[key]
+                    if math.isfinite(d):
+                        diffs.append(d)
+            if diffs:
+                m, ci = mean_ci(diffs)
+                cmp[key] = {"diff": m, "ci": ci, "n": len(diffs), "beyond": bool(len(diffs) > 1 and abs(m) > ci)}
+        out[name] = cmp
+    return out
+
+
+def baseline_router(names: list[str]) -> str:
+    """The router the others are compared with: ``token_choice`` when it ran, else the first."""
+    return "token_choice" if "token_choice" in names else names[0]
 
 
 def leaderboard_rows(runs, task: str) -> list[dict]:
@@ -52,12 +118,31 @@ def leaderboard_rows(runs, task: str) -> list[dict]:
         for key in _AVG_KEYS:
             values = [r.final[key] for r in ok if key in r.final]
             if values:
-                row[key] = sum(values) / len(values)
+                row[key], ci = mean_ci(values)
+                if math.isnan(row[key]):
+                    row[key] = sum(values) / len(values)  # nan where undefined
+                if len(ok) > 1 and key not in _NO_CI:
+                    row[f"{key}_ci"] = ci
         quality = "accuracy" if task == "vision" else "loss"
         values = [r.final[quality] for r in ok]
         row[f"{quality}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         rows.append(row)
     good = [r for r in rows if "error" not in r]
+    if good and max(r["seeds"] for r in good) > 1:
+        base = baseline_router([r["router"] for r in good])
+        paired = paired_differences(runs, task, base)
+        quality = "accuracy" if task == "vision" else "loss"
+        for r in good:
+            if r["router"] == base:
+                r["vs_baseline"] = "baseline"
+                continue
+            r["paired"] = paired.get(r["router"], {})
+            q = r["paired"].get(quality)
+            if q is not None and math.isfinite(q["ci"]):
+                scale = 100 if task == "vision" else 1
+                unit = "%.1f" if task == "vision" else "%.4f"
+                r["vs_baseline"] = (f"{unit % (scale * q['diff'])} ± {unit % (scale * q['ci'])}"
+                                    + (" *" if q["beyond"] else ""))  # fmt: skip
     # ties (equal accuracy, or equal loss) are broken by validation loss, then by name
     good.sort(key=lambda r: ((-r["accuracy"], r["loss"]) if task == "vision" else (r["loss"],)) + (r["router"],))
     for i, r in enumerate(good, 1):
@@ -72,10 +157,16 @@ def _columns(task: str, seeds: int) -> list[tuple[str, str, str]]:
         quality = [("accuracy", "accuracy", "pct_std" if pm else "pct"), ("val loss", "loss", ".4f")]
     else:
         quality = [("val loss", "loss", ".4f_std" if pm else ".4f"), ("ppl", "ppl", ".2f"), ("bits/byte", "bpb", ".4f")]
+    robust = ("corrupted acc", "robust", "pct") if task == "vision" else ("loss @10% noise", "robust", ".4f")
     return [
         ("#", "rank", "d"),
         ("router", "router", "s"),
         *quality,
+        *([("vs baseline", "vs_baseline", "s")] if pm else []),
+        robust,
+        ("RC", "rc", ".2f"),
+        ("NMI", "nmi", ".3f"),
+        ("fluct", "fluct", ".3f"),
         ("load CV", "load_cv", ".3f"),
         ("max/mean", "max_load", ".2f"),
         ("dropped", "drop_rate", "pct"),
@@ -100,15 +191,15 @@ def _fmt(row: dict, key: str, fmt: str, task: str) -> str:
         return str(int(v))
     if isinstance(v, float) and math.isnan(v):
         return "n/a"
-    if fmt == "pct":
-        return f"{100 * v:.1f}%"
-    if fmt == "pct_std":
-        return f"{100 * v:.1f}% ± {100 * row.get('accuracy_std', 0.0):.1f}"
+    ci = row.get(f"{key}_ci")
+    pm = ci is not None and isinstance(ci, float) and math.isfinite(ci)
+    if fmt in ("pct", "pct_std"):
+        return f"{100 * v:.1f}%" + (f" ± {100 * ci:.1f}" if pm else "")
     if fmt == ".4f_std":
-        return f"{v:.4f} ± {row.get('loss_std', 0.0):.4f}"
+        fmt = ".4f"
     if fmt == "M":
         return f"{v / 1e6:.2f}M" if v >= 1e6 else f"{v / 1e3:.1f}K"
-    return format(v, fmt)
+    return format(v, fmt) + (f" ± {format(ci, fmt)}" if pm else "")
 
 
 def _table(rows: list[dict], task: str) -> tuple[list[str], list[list[str]]]:
@@ -231,7 +322,33 @@ def plot_all(result, out_dir) -> dict:
     files["tradeoff"] = out_dir / "tradeoff.png"
     fig.savefig(files["tradeoff"], dpi=110)
     plt.close(fig)
+
+    # 4. the papers' measurements per router, mean and 95% interval over seeds
+    rows = [r for r in result.leaderboard if "error" not in r]
+    measures = [k for k in ("robust", "rc", "nmi", "fluct") if any(_finite(r.get(k)) for r in rows)]
+    if measures:
+        titles = {"robust": "corrupted accuracy" if result.task == "vision" else "loss @10% input noise",
+                  "rc": "representation collapse RC (higher = less)", "nmi": "expert/label NMI",
+                  "fluct": "routing fluctuation"}  # fmt: skip
+        fig, axes = plt.subplots(1, len(measures), figsize=(3.6 * len(measures), 3.8), squeeze=False)
+        for ax, key in zip(axes[0], measures, strict=True):
+            names_k = [r["router"] for r in rows if _finite(r.get(key))]
+            values = [r[key] for r in rows if _finite(r.get(key))]
+            errs = [r.get(f"{key}_ci") if _finite(r.get(f"{key}_ci")) else 0.0 for r in rows if _finite(r.get(key))]
+            ax.bar(range(len(values)), values, yerr=errs, capsize=3, color=[colors.get(n) for n in names_k])
+            ax.set_xticks(range(len(values)), names_k, rotation=60, ha="right", fontsize=8)
+            ax.set_title(titles[key], fontsize=9)
+            ax.grid(alpha=0.3, axis="y")
+        fig.suptitle("measurements (bars: mean over seeds; whiskers: 95% t interval)", fontsize=10)
+        fig.tight_layout()
+        files["measures"] = out_dir / "measures.png"
+        fig.savefig(files["measures"], dpi=110)
+        plt.close(fig)
     return files
+
+
+def _finite(v) -> bool:
+    return isinstance(v, int | float) and math.isfinite(v)
 
 
 # --------------------------------------------------------------------------------------------------- report
@@ -272,6 +389,8 @@ def write_report(result) -> dict:
     lines = [
         "# smoe router study",
         "",
+        *verdict_lines(result),
+        "",
         f"{time.strftime('%Y-%m-%d %H:%M')} · task `{task}` · preset `{result.preset}` · "
         f"data `{result.data_info['dataset']}`"
         f" · {len(result.leaderboard)} routers × {result.config.seeds} seed(s) · wall time {result.wall_time:.0f} s",
@@ -290,7 +409,18 @@ def write_report(result) -> dict:
         "over a fair share; dropped = assignments dropped by capacity; dead = experts that got no token (summed over "
         "layers); entropy = mean per-token router entropy in nats (ln E = uniform). tokens/s = median per-step rate "
         "of tokens routed per second of training on this machine (noisy on a shared machine: compare it within one "
-        "study only). Active parameters count the experts one token uses (top-k of E).",
+        "study only). Active parameters count the experts one token uses (top-k of E). The papers' measurements "
+        "(`smoe.study.measures`): RC = representation collapse Tr(Σ_W Σ_B⁺) of the routed representations with "
+        "class = top-1 expert (X-MoE; smaller = more collapsed), NMI = normalised mutual information of top-1 "
+        "expert and label (image class, or byte class for text), fluct = fraction of a fixed probe set whose top-k "
+        "experts changed between consecutive evaluations, "
+        + (
+            "corrupted acc = mean accuracy on 5 Fashion-MNIST-C corruptions × severities 1, 3, 5"
+            if task == "vision"
+            else "loss @10% noise = validation loss with 10% of the input bytes replaced at random"
+        )
+        + ". With several seeds every number is the mean ± the half-width of its 95% t interval, and `vs baseline` "
+        "is the paired difference in quality from the baseline router (* = beyond seed noise).",
         "",
         "## Routers",
         "",
@@ -306,6 +436,7 @@ def write_report(result) -> dict:
         ("curves", "Learning curves"),
         ("expert_load", "Expert load per layer"),
         ("tradeoff", "Quality vs. balance"),
+        ("measures", "The papers' measurements"),
     ):
         if name in files:
             lines += [f"### {title}", "", f"![{title}]({files[name].name})", ""]
@@ -332,6 +463,51 @@ def write_report(result) -> dict:
     files["results"] = out / "results.json"
     atomic_write_text(files["results"], json.dumps(_results_json(result), indent=1))
     return files
+
+
+_MEASURE_NAMES = {
+    "loss": "validation loss",
+    "accuracy": "validation accuracy",
+    "rc": "representation collapse RC",
+    "nmi": "expert/label NMI",
+    "fluct": "routing fluctuation",
+    "robust": "robustness",
+}
+
+
+def verdict_lines(result) -> list[str]:
+    """The report's first lines: which routers differ from the baseline beyond seed noise, or that none does."""
+    rows = [r for r in result.leaderboard if "error" not in r]
+    seeds = max((r.get("seeds", 1) for r in rows), default=1)
+    if not rows:
+        return ["**Every run failed: nothing to compare.**"]
+    if seeds < 2:
+        return [
+            "**One seed per router: no confidence intervals, so no difference below can be told from seed noise "
+            "(run with `--seeds 2` or more).**"
+        ]
+    base = baseline_router([r["router"] for r in rows])
+    names = dict(_MEASURE_NAMES)
+    names["robust"] = "corrupted accuracy" if result.task == "vision" else "loss under 10% input noise"
+    quality = "accuracy" if result.task == "vision" else "loss"
+    found, q_found = [], []
+    for r in rows:
+        for key, c in r.get("paired", {}).items():
+            if c["beyond"]:
+                sign = "higher" if c["diff"] > 0 else "lower"
+                text = f"`{r['router']}` {sign} {names[key]} ({c['diff']:+.3g} ± {c['ci']:.2g})"
+                (q_found if key == quality else found).append(text)
+    head = (
+        f"**{seeds} seeds per router; differences from `{base}` are paired by seed with 95% t intervals (marked * in "
+        "the table when the interval excludes 0).** "
+    )
+    if not q_found:
+        head += f"**No router's {names[quality]} differs from `{base}` beyond seed noise.**"
+    else:
+        head += "Beyond seed noise on quality: " + "; ".join(q_found) + "."
+    tail = ("Beyond seed noise on the measurements: " + "; ".join(found) + ".") if found else (
+        "No measurement (RC, NMI, fluctuation, robustness) differs from the baseline beyond seed noise.")  # fmt: skip
+    return [head, "", tail]
 
 
 def _what_ran(result) -> list[str]:

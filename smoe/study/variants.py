@@ -67,7 +67,7 @@ NAMED_VARIANTS: dict[str, StudyVariant] = {
 #: the default study per task, in this order, keeping the ones that are registered (sized to fit ~10 minutes on
 #: 2 CPU cores); ``random`` is the floor a learned router should beat
 DEFAULT_ROUTERS = {
-    "lm": ("token_choice", "aux_free", "expert_choice", "usmoe", "sinkhorn", "xmoe", "hash", "random"),
+    "lm": ("token_choice", "expert_choice", "xmoe", "hash", "random"),
     "vision": ("token_choice", "aux_free", "expert_choice", "usmoe", "soft", "sinkhorn", "xmoe", "random"),
 }
 

@@ -25,6 +25,7 @@ FROZEN_FLAGS = {
         "--device",
         "--help",
         "--lr",
+        "--no-measures",
         "--no-progress",
         "--out",
         "--preset",

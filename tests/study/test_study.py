@@ -38,6 +38,8 @@ def test_quick_lm_study_end_to_end(tmp_path, capsys):
         "train.eval_every=3",
         "--set",
         "train.eval_batches=2",
+        "--seeds",
+        "1",
         "--out",
         str(out),
         "--no-progress",
@@ -64,7 +66,11 @@ def test_quick_lm_study_end_to_end(tmp_path, capsys):
 
     report = (out / "report.md").read_text()
     assert "## Leaderboard" in report and "| 1 |" in report and "expert_load.png" in report
-    for png in ("curves.png", "expert_load.png", "tradeoff.png"):
+    assert "One seed per router" in report.splitlines()[2]  # the first lines say what can be concluded
+    assert "RC" in printed and "NMI" in printed and "fluct" in printed and "loss @10% noise" in printed
+    for r in rows:  # the papers' measurements of every run: fluctuation recorded at the evaluations 3 and 6
+        assert r["rc"] > 0 and 0 <= r["nmi"] <= 1 and 0 <= r["fluct"] <= 1 and r["robust"] > 0, r["router"]
+    for png in ("curves.png", "expert_load.png", "tradeoff.png", "measures.png"):
         data = (out / png).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000, png
     results = json.loads((out / "results.json").read_text())
@@ -100,6 +106,9 @@ def test_quick_vision_study_with_seeds(tmp_path, capsys):
     assert "accuracy" in capsys.readouterr().out
     rows = json.loads((out / "leaderboard.json").read_text())
     assert [r["seeds"] for r in rows] == [2, 2] and all("accuracy_std" in r for r in rows)
+    assert all("accuracy_ci" in r and "rc" in r for r in rows)  # 95% intervals over the two seeds
+    assert {r["router"]: r.get("vs_baseline") for r in rows}["token_choice"] == "baseline"
+    assert "paired by seed with 95% t intervals" in (out / "report.md").read_text().splitlines()[2]
     assert [r["accuracy"] for r in rows] == sorted((r["accuracy"] for r in rows), reverse=True)
     assert sorted(p.name for p in (out / "runs").iterdir()) == [
         "expert_choice-seed0",
@@ -140,7 +149,7 @@ def test_variants_are_causal_safe_and_compute_matched():
 
 def test_resolve_variants_defaults_and_errors():
     names = [v.name for v in resolve_variants(None)]
-    assert names[:3] == ["token_choice", "aux_free", "expert_choice"] and "force_balanced" not in names
+    assert names == ["token_choice", "expert_choice", "xmoe", "hash", "random"] and "force_balanced" not in names
     assert "hash" not in [v.name for v in resolve_variants(None, "vision")]
     with pytest.raises(ValueError, match="unknown router 'teleport'; expected one of"):
         resolve_variants(["teleport"])
@@ -173,4 +182,5 @@ def test_leaderboard_means_over_seeds_and_lists_failures_last():
     assert rows[1]["loss"] == 1.5 and rows[1]["loss_std"] == pytest.approx(math.sqrt(0.5)) and rows[1]["seeds"] == 2
     assert "rank" not in rows[2] and rows[2]["error"] == "RuntimeError: boom"
     table = format_leaderboard(rows, "lm")
-    assert "1.5000 ± 0.7071" in table and "FAILED" in table
+    # the 95% t interval of (1, 2): 12.706 * 0.7071 / sqrt(2) = 6.353
+    assert "1.5000 ± 6.3530" in table and "FAILED" in table
