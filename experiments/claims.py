@@ -145,7 +145,7 @@ def run_s2moe(out, quick, seeds, threads):
         v = "does not hold"
     else:
         v = "inconclusive at this scale"
-    row = {"claim": f"S2MoE top-1 matches token choice top-2 (|loss difference| <= {tol} nats/byte)",
+    row = {"claim": f"S2MoE top-1 matches token choice top-2 (absolute loss difference <= {tol} nats/byte)",
            "paper": "Do et al., arXiv 2503.23007", "key": "loss", "router": "s2moe (top-1)",
            "baseline": "token_choice (top-2)", "paired": p, "verdict": v, "study": str(study)}  # fmt: skip
     return [row], time.time() - t0, f"smoe study --routers s2moe --set moe.top_k=1 --seeds {seeds}"
