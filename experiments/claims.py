@@ -21,6 +21,8 @@ bpr            the vision study's token-choice runs evaluated at capacity factor
                (accuracy; V-MoE: BPR degrades gracefully below capacity 1)
 vae            ``smoe train --preset vae_small``, unsupervised vs supervised routing (validation
                reconstruction loss; the SMoE-VAE paper: unsupervised reconstructs better)
+vae_sweep      the same at 5%, 20% and 100% of the training images (``data.train_fraction``; the paper's
+               data-fraction sweep)
 =============  ==========================================================================================
 
     python experiments/claims.py --out runs/claims                  # everything (about 1 hour on 2 CPU cores)
@@ -42,7 +44,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CLAIMS = ("lm", "s2moe", "vision", "momentum", "bpr", "vae")
+CLAIMS = ("lm", "s2moe", "vision", "momentum", "bpr", "vae", "vae_sweep")
 
 
 def _study(out: pathlib.Path, args: list[str], quick: bool, seeds: int, threads: int) -> pathlib.Path:
@@ -219,25 +221,14 @@ def run_bpr(out, quick, seeds, threads):
 
 
 def run_vae(out, quick, seeds, threads):
-    from smoe.cli.main import main  # noqa: PLC0415
-
-    t0 = time.time()
     from smoe.study.analyze import AnalysisOptions, analyze_run  # noqa: PLC0415
 
-    results: dict[str, dict[int, float]] = {"unsupervised": {}, "supervised": {}}
+    t0 = time.time()
+    results = _vae_runs(out, quick, seeds, threads, 1.0)
     nmi: dict[str, dict[int, float]] = {"unsupervised": {}, "supervised": {}}
-    preset = "vae_debug" if quick else "vae_small"
-    steps = "8" if quick else "600"
-    for routing in results:
+    for routing in nmi:
         for s in range(seeds):
             run = out / "vae" / f"{routing}-seed{s}"
-            if not (run / "final.json").is_file():
-                argv = ["train", "--preset", preset, "--set", f"routing={routing}", "--steps", steps,
-                        "--seed", str(s), "--out", str(run), "--no-progress", "--threads", str(threads)]  # fmt: skip
-                if main(argv) != 0:
-                    raise SystemExit(f"smoe train {' '.join(argv)} failed")
-            final = json.loads((run / "final.json").read_text())
-            results[routing][s] = final["metric_recon"]  # validation reconstruction loss per image
             if not (run / "analysis" / "analysis.json").is_file():  # latents per expert: NMI and a t-SNE
                 opts = AnalysisOptions(probe_examples=128 if quick else 2000, tsne_points=100 if quick else 2000,
                                        robust_examples=0, fluctuation=False)  # fmt: skip
@@ -256,12 +247,52 @@ def run_vae(out, quick, seeds, threads):
     return (
         [row, row_nmi],
         time.time() - t0,
-        (f"smoe train --preset vae_small --set routing=unsupervised|supervised --steps {steps} --seed S (S < {seeds})"),
+        f"smoe train --preset vae_small --set routing=R --steps 600 --seed S (S < {seeds}), then smoe analyze",
+    )
+
+
+def _vae_runs(out, quick, seeds, threads, fraction: float) -> dict[str, dict[int, float]]:
+    """Validation reconstruction loss of ``vae_small`` per routing and seed, trained on ``fraction`` of the data."""
+    from smoe.cli.main import main  # noqa: PLC0415
+
+    preset, steps = ("vae_debug", "8") if quick else ("vae_small", "600")
+    folder = out / "vae" if fraction == 1.0 else out / "vae_sweep" / f"fraction{fraction}"
+    results: dict[str, dict[int, float]] = {"unsupervised": {}, "supervised": {}}
+    for routing in results:
+        for s in range(seeds):
+            run = folder / f"{routing}-seed{s}"
+            if not (run / "final.json").is_file():
+                argv = ["train", "--preset", preset, "--set", f"routing={routing}", "--set",
+                        f"data.train_fraction={fraction}", "--steps", steps, "--seed", str(s), "--out", str(run),
+                        "--no-progress", "--threads", str(threads)]  # fmt: skip
+                if main(argv) != 0:
+                    raise SystemExit(f"smoe train {' '.join(argv)} failed")
+            results[routing][s] = json.loads((run / "final.json").read_text())["metric_recon"]
+    return results
+
+
+def run_vae_sweep(out, quick, seeds, threads):
+    """The SMoE-VAE paper's data-fraction sweep (its Fig. 6 axis): unsupervised vs supervised at each fraction."""
+    t0 = time.time()
+    rows = []
+    for fraction in (0.05, 0.2, 1.0):
+        r = _vae_runs(out, quick, seeds, threads, fraction)
+        p = paired(r["unsupervised"], r["supervised"])
+        claim = f"Unsupervised routing reconstructs better at {100 * fraction:g}% of the training images"
+        rows.append(_row(claim, "Nikolic et al., arXiv 2509.10025 (SMoE-VAE, Fig. 6 sweep)", "recon", "unsupervised",
+                         "supervised", p, verdict(p, "lower"), out / "vae_sweep"))  # fmt: skip
+    return (
+        rows,
+        time.time() - t0,
+        (
+            f"smoe train --preset vae_small --set routing=R --set data.train_fraction=F --steps 600 --seed S "
+            f"(F in 0.05, 0.2, 1; S < {seeds})"
+        ),
     )
 
 
 RUNNERS = {"lm": run_lm, "s2moe": run_s2moe, "vision": run_vision, "momentum": run_momentum, "bpr": run_bpr,
-           "vae": run_vae}  # fmt: skip
+           "vae": run_vae, "vae_sweep": run_vae_sweep}  # fmt: skip
 
 
 def claims_markdown(record: dict) -> str:

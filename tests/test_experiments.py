@@ -45,11 +45,11 @@ def test_claims_quick(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads((out / "claims.json").read_text())
-    assert set(record["claims"]) == {"lm", "s2moe", "vision", "momentum", "bpr", "vae"}
+    assert set(record["claims"]) == {"lm", "s2moe", "vision", "momentum", "bpr", "vae", "vae_sweep"}
     rows = [r for part in record["claims"].values() for r in part["rows"]]
-    assert len(rows) == 14
+    assert len(rows) == 17
     for r in rows:  # every row measured on both seeds, with a mechanical verdict
         assert r["paired"]["n"] == 2, r["claim"]
         assert r["verdict"] in ("holds", "does not hold", "inconclusive at this scale")
     table = (out / "claims.md").read_text()
-    assert table.count("\n| ") == 14 and "Expert choice beats token choice" in table
+    assert table.count("\n| ") == 17 and "Expert choice beats token choice" in table

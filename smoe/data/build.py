@@ -9,7 +9,10 @@ QuickDraw for ``vae`` (then Fashion-MNIST, then digits).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+
+import torch
 
 from smoe.data.batches import ImageData, LMData
 from smoe.data.images import ImageSplits
@@ -31,6 +34,8 @@ class DataConfig:
         bpe_vocab_size: BPE vocabulary size.
         seq_len: training/evaluation window ``L`` of a language model; ``None`` takes the model's context length.
         quickdraw_categories: how many QuickDraw categories (``0``: the default ten).
+        train_fraction: train on this fraction of the training images, a fixed seeded subset (the same for every
+            run and seed), in ``(0, 1]``; the SMoE-VAE paper's data-fraction sweep. Images only.
     """
 
     dataset: str | None = None
@@ -39,6 +44,7 @@ class DataConfig:
     bpe_vocab_size: int = 1024
     seq_len: int | None = None
     quickdraw_categories: int = 0
+    train_fraction: float = 1.0
 
 
 def _load_splits(task: str, cfg: DataConfig) -> TextSplits | ImageSplits:
@@ -84,6 +90,8 @@ def build_data(
         raise ValueError(f"unknown tokenizer {cfg.tokenizer!r}; expected one of {TOKENIZERS}")
     splits = _load_splits(task, cfg)
     if task == "lm":
+        if cfg.train_fraction != 1:
+            raise ValueError(f"data.train_fraction={cfg.train_fraction} applies to image datasets only")
         if not isinstance(splits, TextSplits):
             raise ValueError(f"dataset {splits.name!r} is not a text corpus")
         L = cfg.seq_len or seq_len
@@ -96,4 +104,17 @@ def build_data(
         return LMData(splits, tok, batch_size=batch_size, seq_len=L, seed=seed)
     if not isinstance(splits, ImageSplits):
         raise ValueError(f"dataset {splits.name!r} is not an image dataset")
-    return ImageData(splits, task=task, batch_size=batch_size, seed=seed)
+    return ImageData(train_subset(splits, cfg.train_fraction), task=task, batch_size=batch_size, seed=seed)
+
+
+def train_subset(splits: ImageSplits, fraction: float) -> ImageSplits:
+    """``splits`` with its training images cut to a fixed seeded ``fraction`` (at least one image)."""
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
+        raise ValueError(f"data.train_fraction must be a number in (0, 1], got {fraction!r}")
+    if fraction == 1:
+        return splits
+    n = splits.size("train")
+    keep = torch.randperm(n, generator=torch.Generator().manual_seed(0))[: max(1, round(fraction * n))].sort().values
+    images = {**splits.images, "train": splits.images["train"][keep]}
+    labels = {**splits.labels, "train": splits.labels["train"][keep]}
+    return dataclasses.replace(splits, images=images, labels=labels)

@@ -176,3 +176,20 @@ def test_build_data_rejects_mismatched_inputs():
         build_data("vision", DataConfig(path="x.txt"), batch_size=2)
     with pytest.raises(ValueError, match="needs at least"):
         build_data("lm", DataConfig(dataset="pydoc"), batch_size=2, seq_len=10_000_000)
+
+
+def test_train_fraction_is_a_fixed_subset_of_the_training_images():
+    from smoe.data.build import DataConfig, build_data, train_subset
+
+    full = build_data("vision", DataConfig(dataset="digits"), batch_size=8)
+    part = build_data("vision", DataConfig(dataset="digits", train_fraction=0.25), batch_size=8, seed=3)
+    n = full.splits.size("train")
+    assert part.splits.size("train") == round(0.25 * n)
+    assert part.splits.size("test") == full.splits.size("test")  # evaluation splits are untouched
+    again = train_subset(full.splits, 0.25)  # the same images whatever the run's seed
+    assert torch.equal(again.images["train"], part.splits.images["train"])
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="train_fraction"):
+            train_subset(full.splits, bad)
+    with pytest.raises(ValueError, match="image datasets only"):
+        build_data("lm", DataConfig(dataset="pydoc", train_fraction=0.5), batch_size=2, seq_len=8)
