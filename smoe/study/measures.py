@@ -28,9 +28,9 @@ from smoe.analysis.fluctuation import routing_fluctuation
 from smoe.analysis.probe import probe_routing
 from smoe.analysis.robustness import accuracy, contaminated_loss
 from smoe.analysis.specialisation import normalized_mutual_information
-from smoe.study.analyze import byte_classes
+from smoe.study.analyze import BYTE_CLASS_NAMES, byte_classes
 
-__all__ = ["StudyProbe", "ProbeRecorder", "measure_run", "MEASURE_KEYS", "STUDY_CORRUPTIONS"]
+__all__ = ["StudyProbe", "ProbeRecorder", "measure_run", "plot_routed", "MEASURE_KEYS", "STUDY_CORRUPTIONS"]
 
 MEASURE_KEYS = ("rc", "nmi", "fluct", "robust")
 #: the study's robustness set: one corruption of each ImageNet-C family (noise, blur, weather, digital), 3 severities
@@ -144,3 +144,19 @@ def measure_run(model, probe: StudyProbe, recorder: ProbeRecorder | None) -> dic
     else:
         out["robust"] = math.nan
     return out
+
+
+def plot_routed(model, probe: StudyProbe, path, *, title: str, max_points: int = 1000) -> pathlib.Path | None:
+    """A t-SNE of the last MoE layer's routed representations on the probe set, coloured by top-1 expert and by
+    label (:mod:`smoe.analysis.embedding`); ``None`` when matplotlib or scikit-learn is missing."""
+    try:
+        from smoe.analysis.embedding import embed_2d, plot_embedding, subsample  # noqa: PLC0415
+
+        p = probe_routing(model, probe.batches)[-1]
+        idx = subsample(p.h_ND.shape[0], max_points, 0)
+        xy = embed_2d(p.h_ND[idx], seed=0)
+        labels = None if p.labels_N is None else p.labels_N[idx]
+        names = BYTE_CLASS_NAMES if probe.task == "lm" else None
+        return plot_embedding(xy, p.top1_N[idx], labels, path, title=f"{title}: {p.name}", label_names=names)
+    except ImportError:
+        return None

@@ -440,6 +440,16 @@ def write_report(result) -> dict:
     ):
         if name in files:
             lines += [f"### {title}", "", f"![{title}]({files[name].name})", ""]
+    tsne = [(row["router"], out / f"tsne_{row['router']}.png") for row in result.leaderboard]
+    tsne = [(name, f) for name, f in tsne if f.is_file()]
+    if tsne:
+        lines += [
+            "### Routed representations (t-SNE, first seed)",
+            "",
+            "The last MoE layer's input on the probe set, coloured by top-1 expert (left) and by label (right).",
+            "",
+        ]
+        lines += [f"![{name}]({f.name})" for name, f in tsne] + [""]
     lines += [
         "## Per-layer routing diagnostics (first seed)",
         "",

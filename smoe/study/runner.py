@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from smoe.data import build_data
-from smoe.study.measures import ProbeRecorder, StudyProbe, measure_run
+from smoe.study.measures import ProbeRecorder, StudyProbe, measure_run, plot_routed
 from smoe.study.variants import StudyVariant, resolve_variants, variant_overrides
 from smoe.train.checkpoint import atomic_write_text, latest_checkpoint, read_json
 from smoe.train.config import TrainConfig
@@ -266,6 +266,8 @@ def run_study(cfg: StudyConfig, *, log: Callable[[str], None] = print) -> StudyR
                     measured = measure_run(trainer.model, probe, recorder)
                     atomic_write_text(run_dir / "measures.json", json.dumps(measured, indent=1))
                     run.final.update(measured)
+                    if s == 0:  # the first seed's routed representations, for the report
+                        plot_routed(trainer.model, probe, out / f"tsne_{variant.name}.png", title=variant.name)
                 history = _read_history(run_dir)  # the whole run, also the part before a resume
                 run.curve = [(r["step"], r["loss"]) for r in history if r["split"] == "validation"]
                 run.train_curve = [(r["step"], r["loss"]) for r in history if r["split"] == "train"]

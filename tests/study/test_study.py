@@ -70,7 +70,8 @@ def test_quick_lm_study_end_to_end(tmp_path, capsys):
     assert "RC" in printed and "NMI" in printed and "fluct" in printed and "loss @10% noise" in printed
     for r in rows:  # the papers' measurements of every run: fluctuation recorded at the evaluations 3 and 6
         assert r["rc"] > 0 and 0 <= r["nmi"] <= 1 and 0 <= r["fluct"] <= 1 and r["robust"] > 0, r["router"]
-    for png in ("curves.png", "expert_load.png", "tradeoff.png", "measures.png"):
+    assert "Routed representations (t-SNE, first seed)" in report and "tsne_expert_choice.png" in report
+    for png in ("curves.png", "expert_load.png", "tradeoff.png", "measures.png", *(f"tsne_{n}.png" for n in routers)):
         data = (out / png).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000, png
     results = json.loads((out / "results.json").read_text())
