@@ -190,7 +190,7 @@ class SinkhornRouter(GatedRouter):
         "variant": choice("token_choice", "expert_choice"),
         "epsilon": real(ge=MIN_SCALE),
         "num_iters": integer(ge=1),
-        "tol": real(ge=0, none=True),
+        "tol": real(gt=0, none=True),
         "score_fn": choice("softmax", "sigmoid"),
         "renormalize": flag(),
         "eval_sinkhorn": flag(),
