@@ -14,6 +14,8 @@ import math
 import statistics
 import time
 
+import torch
+
 from smoe.train.checkpoint import atomic_write_text
 
 __all__ = ["leaderboard_rows", "format_leaderboard", "leaderboard_markdown", "write_report", "plot_all"]
@@ -97,6 +99,28 @@ def paired_differences(runs, task: str, baseline: str) -> dict[str, dict[str, di
     return out
 
 
+def _consistency(runs) -> float:
+    """Inter-run consistency (X-MoE's IC, :func:`smoe.analysis.specialisation.inter_run_consistency`) of the
+    per-layer expert loads at the final evaluation over ``runs`` (the seeds of one router), averaged over the
+    layers; loads sorted by size, since the experts of runs trained from different seeds do not correspond. ``nan``
+    with fewer than 2 runs or a layer of equal loads (fixed balanced routing)."""
+    from smoe.analysis.specialisation import inter_run_consistency  # noqa: PLC0415
+
+    layers = [r.final.get("layers", []) for r in runs]
+    if len(layers) < 2 or not all(layers) or len({len(x) for x in layers}) != 1:
+        return math.nan
+    values = []
+    for i in range(len(layers[0])):
+        loads = [run_layers[i].get("load") for run_layers in layers]
+        if any(not load for load in loads):
+            return math.nan
+        try:
+            values.append(inter_run_consistency(torch.tensor(loads, dtype=torch.float64), sort=True))
+        except ValueError:
+            return math.nan
+    return statistics.fmean(values) if values else math.nan
+
+
 def baseline_router(names: list[str]) -> str:
     """The router the others are compared with: ``token_choice`` when it ran, else the first."""
     return "token_choice" if "token_choice" in names else names[0]
@@ -128,6 +152,8 @@ def leaderboard_rows(runs, task: str) -> list[dict]:
         row[f"{quality}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         rows.append(row)
     good = [r for r in rows if "error" not in r]
+    for r in good:  # X-MoE's inter-run consistency of the expert loads over the seeds (sorted: see below)
+        r["ic"] = _consistency([run for run in by_name[r["router"]] if run.error is None])
     if good and max(r["seeds"] for r in good) > 1:
         base = baseline_router([r["router"] for r in good])
         paired = paired_differences(runs, task, base)
@@ -450,6 +476,17 @@ def write_report(result) -> dict:
             "",
         ]
         lines += [f"![{name}]({f.name})" for name, f in tsne] + [""]
+    ic = [(r["router"], r["ic"]) for r in result.leaderboard if _finite(r.get("ic"))]
+    if ic:
+        lines += [
+            "### Inter-run consistency of the expert loads",
+            "",
+            "X-MoE's IC = mean Pearson correlation of the per-expert loads of every pair of seeds (1 = the same load "
+            "profile), on loads sorted by size since experts of different seeds do not correspond; mean over layers:",
+            "",
+            ", ".join(f"`{name}` {value:.3f}" for name, value in ic),
+            "",
+        ]
     lines += [
         "## Per-layer routing diagnostics (first seed)",
         "",

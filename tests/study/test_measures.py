@@ -91,3 +91,17 @@ def test_probe_recording_leaves_training_unchanged_and_measures_fluctuation(tmp_
     m = measure_run(recorded, probe, rec)
     assert set(m) == {"rc", "nmi", "fluct", "robust"} and m["fluct"] == rec.fluctuation()
     assert 0.0 <= m["nmi"] <= 1.0 and m["robust"] > 0
+
+
+def test_inter_run_consistency_of_the_loads_over_seeds():
+    # seed 0 loads (0.5, 0.3, 0.2), seed 1 (0.2, 0.5, 0.3): the same profile once sorted -> IC = 1;
+    # a router whose seeds put everything on one expert vs spread evenly has a constant layer -> undefined (nan)
+    def run(name, seed, load):
+        return StudyRun(variant=resolve_variants([name])[0], seed=seed, run_dir=None,
+                        final={"loss": 1.0, "layers": [{"load": load}]})  # fmt: skip
+
+    runs = [run("token_choice", 0, [0.5, 0.3, 0.2]), run("token_choice", 1, [0.2, 0.5, 0.3]),
+            run("hash", 0, [1 / 3] * 3), run("hash", 1, [1 / 3] * 3)]  # fmt: skip
+    rows = {r["router"]: r for r in leaderboard_rows(runs, "lm")}
+    assert rows["token_choice"]["ic"] == pytest.approx(1.0)
+    assert math.isnan(rows["hash"]["ic"])
