@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor, nn
 
+from smoe.analysis.evaluation import evaluating
 from smoe.layers.moe import MoE
 from smoe.routing.plan import SparsePlan
 
@@ -44,31 +44,28 @@ def capacity_curve(
     if not layers:
         raise ValueError(f"{type(model).__name__} has no MoE layer with a capacity-limited router")
     saved = [layer.capacity_state() for layer in layers]
-    was = model.training
-    model.eval()
     points = []
-    try:
-        for cf in capacity_factors:
-            for layer in layers:
-                layer.set_eval_capacity(float(cf), batch_priority)
-            correct, rows, requested = 0, 0, 0
-            with torch.no_grad():
+    with evaluating(model) as device:
+        try:
+            for cf in capacity_factors:
+                for layer in layers:
+                    layer.set_eval_capacity(float(cf), batch_priority)
+                correct, rows, requested = 0, 0, 0
                 for i in range(0, labels_N.shape[0], batch_size):
-                    out = model(images_NCHW[i : i + batch_size])
-                    correct += int((out.logits.argmax(-1) == labels_N[i : i + batch_size]).sum())
+                    out = model(images_NCHW[i : i + batch_size].to(device))
+                    correct += int((out.logits.argmax(-1).cpu() == labels_N[i : i + batch_size]).sum())
                     for aux in out.moe_aux:
                         if isinstance(aux.plan, SparsePlan):
                             rows += aux.plan.num_rows
                             requested += aux.plan.num_requested
-            points.append(
-                {
-                    "capacity_factor": float(cf),
-                    "accuracy": correct / labels_N.shape[0],
-                    "processed": rows / max(requested, 1),
-                }
-            )
-    finally:
-        for layer, state in zip(layers, saved, strict=True):
-            layer.restore_capacity_state(state)
-        model.train(was)
+                points.append(
+                    {
+                        "capacity_factor": float(cf),
+                        "accuracy": correct / labels_N.shape[0],
+                        "processed": rows / max(requested, 1),
+                    }
+                )
+        finally:
+            for layer, state in zip(layers, saved, strict=True):
+                layer.restore_capacity_state(state)
     return points

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from smoe.analysis.evaluation import evaluating
 from smoe.layers.moe import MoE
 from smoe.routing.plan import DensePlan, SparsePlan
 
@@ -105,19 +106,15 @@ def probe_routing(
 
         return hook
 
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     handles = [m.register_forward_hook(hook_for(n)) for n, m in layers]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with evaluating(model) as device:
             for inputs, labels in batches:
                 current["labels"] = labels
                 (call or (lambda m, x: m(x)))(model, inputs.to(device))
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     probes = []
     for name, layer in layers:
         got = store[name]

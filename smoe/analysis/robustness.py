@@ -23,22 +23,18 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from smoe.analysis.evaluation import evaluating
+
 __all__ = ["accuracy", "corruption_table", "mean_corruption_error", "substitute_tokens", "contaminated_loss"]
 
 
 def accuracy(model: nn.Module, images_NCHW: Tensor, labels_N: Tensor, *, batch_size: int = 256) -> float:
     """Top-1 accuracy of a classifier (``model(images).logits``) in eval mode, without gradients."""
-    was = model.training
-    model.eval()
     correct = 0
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    try:
-        with torch.no_grad():
-            for i in range(0, labels_N.shape[0], batch_size):
-                logits = model(images_NCHW[i : i + batch_size].to(device)).logits
-                correct += int((logits.argmax(-1).cpu() == labels_N[i : i + batch_size]).sum())
-    finally:
-        model.train(was)
+    with evaluating(model) as device:
+        for i in range(0, labels_N.shape[0], batch_size):
+            logits = model(images_NCHW[i : i + batch_size].to(device)).logits
+            correct += int((logits.argmax(-1).cpu() == labels_N[i : i + batch_size]).sum())
     return correct / max(labels_N.shape[0], 1)
 
 
@@ -108,17 +104,11 @@ def contaminated_loss(
 ) -> float:
     """Mean loss on ``(inputs, targets)`` batches when the inputs are contaminated at ``rate`` (targets clean)."""
     g = torch.Generator().manual_seed(seed)
-    was = model.training
-    model.eval()
     total = 0.0
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    try:
-        with torch.no_grad():
-            for x, y in batches:
-                xc = substitute_tokens(x, rate, vocab_size, generator=g).to(device)
-                y = y.to(device)
-                loss = call(model, xc, y) if call is not None else model(xc, y).loss
-                total += float(loss)
-    finally:
-        model.train(was)
+    with evaluating(model) as device:
+        for x, y in batches:
+            xc = substitute_tokens(x, rate, vocab_size, generator=g).to(device)
+            y = y.to(device)
+            loss = call(model, xc, y) if call is not None else model(xc, y).loss
+            total += float(loss)
     return total / max(len(batches), 1)

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from smoe.experts.activations import Activation, clamped_swiglu
 from smoe.experts.mlp import MLPExperts
 from smoe.experts.registry import register_experts
@@ -63,24 +61,8 @@ class ClampedSwiGLUExperts(MLPExperts):
         limit, alpha = self.limit, self.alpha
         return Activation("clamped_swiglu", True, lambda h1, h3: clamped_swiglu(h1, h3, limit=limit, alpha=alpha))
 
-    def shard(self, first: int, count: int) -> ClampedSwiGLUExperts:
-        self._check_shard(first, count)
-        ref = self.w1_EFD
-        out = ClampedSwiGLUExperts(
-            self.dim,
-            self.hidden_dim,
-            count,
-            bias=self.bias,
-            limit=self.limit,
-            alpha=self.alpha,
-            device=ref.device,
-            dtype=ref.dtype,
-        )
-        with torch.no_grad():
-            for name, p in self.named_parameters(recurse=False):
-                getattr(out, name).copy_(p[first : first + count])
-        out.train(self.training)
-        return out
+    def init_kwargs(self) -> dict:
+        return {"limit": self.limit, "alpha": self.alpha}
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, limit={self.limit}, alpha={self.alpha}"

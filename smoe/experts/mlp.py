@@ -124,11 +124,18 @@ class MLPExperts(Experts):
             ws = tuple(None if w is None else w.to(x.dtype) for w in ws)
         return ExpertWeights(*ws)
 
+    def init_kwargs(self) -> dict:
+        """The constructor options of this type beyond the sizes and ``bias`` (none here; a subclass with its own
+        options returns them, so that :meth:`shard` rebuilds it faithfully)."""
+        return {}
+
     def shard(self, first: int, count: int) -> MLPExperts:
         """Experts ``[first, first + count)``: the same type with ``num_experts=count`` and copies of their slices."""
         self._check_shard(first, count)
         ref = self.w1_EFD
-        out = type(self)(self.dim, self.hidden_dim, count, bias=self.bias, device=ref.device, dtype=ref.dtype)
+        out = type(self)(
+            self.dim, self.hidden_dim, count, bias=self.bias, device=ref.device, dtype=ref.dtype, **self.init_kwargs()
+        )
         with torch.no_grad():
             for name, p in self.named_parameters(recurse=False):
                 getattr(out, name).copy_(p[first : first + count])

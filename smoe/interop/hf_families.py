@@ -62,6 +62,7 @@ from torch import Tensor, nn
 
 from smoe.experts import MLP, ClampedSwiGLUExperts, MLPExperts
 from smoe.layers.moe import MoE
+from smoe.routing.registry import build_router
 from smoe.routing.token_choice import TokenChoiceRouter
 
 __all__ = ["HFFamily", "FAMILIES", "family_of", "from_hf", "to_hf", "supported_block_classes"]
@@ -199,17 +200,22 @@ class HFFamily:
         block_classes: the HF class names this converter takes.
         build: ``block -> MoE`` with the block's routing and copies of its weights.
         export: ``(layer, block) -> None``, copies ``layer``'s weights into ``block`` (no grad).
-        routing: ``block -> dict`` of the :class:`~smoe.routing.token_choice.TokenChoiceRouter` attributes the
-            block's routing implies; ``to_hf`` checks the layer against it.
+        router: ``block -> dict``, the :class:`~smoe.routing.token_choice.TokenChoiceRouter` options that
+            reproduce the block's routing: what ``build`` builds with and what ``to_hf`` checks a layer against.
+        top_k: ``block -> K``.
         returns: what the block's ``forward`` returns: ``"tensor"``, or ``"tuple"`` (output, router tensor).
+        layer: ``block -> dict``, the :class:`smoe.MoE` options of the block's routing beyond the router (group
+            mode, normalisation after dropping, input-side weights), likewise built with and checked.
     """
 
     name: str
     block_classes: tuple[str, ...]
     build: Callable[..., MoE]
     export: Callable[[MoE, nn.Module], None]
-    routing: Callable[[nn.Module], dict]
+    router: Callable[[nn.Module], dict]
+    top_k: Callable[[nn.Module], int] = lambda block: int(_gate(block).top_k)
     returns: str = "tensor"
+    layer: Callable[[nn.Module], dict] = lambda block: {}
 
 
 def _layer(D, F_, E, K, block_weight: Tensor, router_kwargs: dict, **moe_kwargs) -> MoE:
@@ -230,8 +236,26 @@ def _copy_experts(layer: MoE, w1: Tensor, w3: Tensor | None, w2: Tensor, b1=None
             ex.b2_ED.copy_(b2)
 
 
+#: router attributes that decide what a token-choice router computes (its option names)
+_ROUTING_FIELDS = ("top_k", "score_fn", "order", "renormalize", "renormalize_p", "num_expert_groups",
+                   "topk_expert_groups", "expert_group_score", "routed_scaling_factor", "capacity_factor",
+                   "expert_capacity", "batch_priority")  # fmt: skip
+
+
+def _relevant(router: TokenChoiceRouter, attr: str) -> bool:
+    """Whether ``attr`` changes what ``router`` computes (e.g. ``renormalize`` does not after a top-k softmax)."""
+    if attr in ("renormalize", "renormalize_p") and router.score_fn == "softmax" and router.order == "topk_softmax":
+        return False
+    if attr == "renormalize_p" and not router.renormalize:
+        return False
+    if attr == "expert_group_score" and router.num_expert_groups is None:
+        return False
+    return not (attr == "batch_priority" and router.capacity_factor is None and router.expert_capacity is None)
+
+
 def _check_layer(layer: MoE, family: HFFamily, block: nn.Module) -> None:
-    """Raise ``ValueError`` listing every way ``layer`` would compute something else than ``block``."""
+    """Raise ``ValueError`` listing every way ``layer`` would compute something else than ``block``: its router is
+    compared with the router :func:`from_hf` builds for ``block`` (on the meta device: no weights)."""
     if not isinstance(layer, MoE):
         raise ValueError(f"to_hf takes an smoe.MoE, got {type(layer).__name__}")
     router = layer.router
@@ -240,17 +264,24 @@ def _check_layer(layer: MoE, family: HFFamily, block: nn.Module) -> None:
             f"router {router.name!r} cannot go into a {type(block).__name__}, which routes by token choice "
             "(swap it back, or keep the model in smoe)"
         )
+    want = build_router(
+        "token_choice", dim=router.dim, num_experts=router.num_experts, top_k=family.top_k(block), device="meta",
+        **family.router(block),
+    )  # fmt: skip
     problems = []
-    for attr, want in family.routing(block).items():
-        have = getattr(router, attr) if hasattr(router, attr) else getattr(layer, attr)
-        if attr == "expert_bias_E":  # the block has no selection bias
-            if have is not None:
-                problems.append("expert_bias=True (a selection bias the block does not have)")
+    for attr in _ROUTING_FIELDS:
+        have, need = getattr(router, attr), getattr(want, attr)
+        if not (_relevant(router, attr) or _relevant(want, attr)) or have == need:
             continue
-        if isinstance(want, float) and isinstance(have, int | float) and abs(have - want) <= 1e-12 * max(1, abs(want)):
+        if isinstance(need, float) and isinstance(have, int | float) and abs(have - need) <= 1e-12 * max(1, abs(need)):
             continue
-        if have != want:
-            problems.append(f"{attr}={have!r} (the block needs {want!r})")
+        problems.append(f"{attr}={have!r} (the block needs {need!r})")
+    if (router.expert_bias_E is None) != (want.expert_bias_E is None):
+        need = "needs" if want.expert_bias_E is not None else "does not have"
+        problems.append(f"expert_bias={router.expert_bias_E is not None} (the block {need} a selection bias)")
+    for attr, need in family.layer(block).items():
+        if getattr(layer, attr) != need:
+            problems.append(f"{attr}={getattr(layer, attr)!r} (the block needs {need!r})")
     if router.noise is not None and router.noise != "jitter":
         problems.append(f"noise={router.noise!r} (the block has no such routing noise)")
     if layer.capacity_state()[1] not in (None, (None, None)):
@@ -265,36 +296,42 @@ def _check_layer(layer: MoE, family: HFFamily, block: nn.Module) -> None:
 
 
 def _router_weight(block: nn.Module) -> Tensor:
-    gate = block.gate if hasattr(block, "gate") else block.router
-    return gate.weight
+    return _gate(block).weight
 
 
-def _topk_softmax_routing(block: nn.Module) -> dict:
-    return {"score_fn": "softmax", "order": "topk_softmax", "top_k": _gate(block).top_k, "capacity_factor": None,
-            "expert_bias_E": None, "num_expert_groups": None, "routed_scaling_factor": 1.0,
-            "expert_capacity": None}  # fmt: skip
+def _jitter(eps) -> dict:
+    """Switch-style input jitter (training only) when the block has one."""
+    eps = float(eps or 0.0)
+    return {"noise": "jitter", "jitter_eps": eps} if eps > 0 else {}
 
 
-def _softmax_topk_routing(block: nn.Module) -> dict:
-    g = _gate(block)
-    return {"score_fn": "softmax", "order": "softmax_topk", "renormalize": bool(g.norm_topk_prob), "top_k": g.top_k,
-            "capacity_factor": None, "expert_bias_E": None, "num_expert_groups": None, "routed_scaling_factor": 1.0,
-            "expert_capacity": None}  # fmt: skip
+def _topk_softmax_router(block: nn.Module) -> dict:
+    return {"order": "topk_softmax", **_jitter(getattr(block, "jitter_noise", 0.0))}
+
+
+def _softmax_topk_router(block: nn.Module) -> dict:
+    return {"order": "softmax_topk", "renormalize": bool(_gate(block).norm_topk_prob)}
 
 
 def _gate(block: nn.Module) -> nn.Module:
     return block.gate if hasattr(block, "gate") else block.router
 
 
-def _build_fused(block: nn.Module, family_kwargs: dict, **moe_kwargs) -> MoE:
+def _copy_gate(layer: MoE, weight: Tensor, bias: Tensor | None = None) -> None:
+    with torch.no_grad():
+        layer.router.gate.weight.copy_(weight)
+        if bias is not None:
+            layer.router.gate.bias.copy_(bias)
+
+
+def _build_fused(block: nn.Module, router: Callable[[nn.Module], dict], **moe_kwargs) -> MoE:
     _check_silu(block.experts.act_fn, type(block).__name__)
     w1, w3, w2 = _fused(block.experts)
     gate_w = _router_weight(block)
     E, D = gate_w.shape
-    K = _gate(block).top_k
-    layer = _layer(D, w1.shape[1], E, K, w1, {**family_kwargs, **moe_kwargs.pop("router_kwargs", {})}, **moe_kwargs)
-    with torch.no_grad():
-        layer.router.gate.weight.copy_(gate_w)
+    router_kwargs = {**router(block), **moe_kwargs.pop("router_kwargs", {})}
+    layer = _layer(D, w1.shape[1], E, _gate(block).top_k, w1, router_kwargs, **moe_kwargs)
+    _copy_gate(layer, gate_w)
     _copy_experts(layer, w1, w3, w2)
     return layer
 
@@ -312,13 +349,11 @@ def _check_plain_swiglu(ex, block) -> None:
 
 
 def _build_mixtral(block: nn.Module, **kw) -> MoE:
-    jitter = float(getattr(block, "jitter_noise", 0.0) or 0.0)
-    noise = {"noise": "jitter", "jitter_eps": jitter} if jitter > 0 else {}
-    return _build_fused(block, {"order": "topk_softmax", **noise}, **kw)
+    return _build_fused(block, _topk_softmax_router, **kw)
 
 
 def _build_softmax_topk(block: nn.Module, **kw) -> MoE:
-    return _build_fused(block, {"order": "softmax_topk", "renormalize": bool(_gate(block).norm_topk_prob)}, **kw)
+    return _build_fused(block, _softmax_topk_router, **kw)
 
 
 def _check_no_shared(layer: MoE, block: nn.Module) -> None:
@@ -353,23 +388,17 @@ def _export_qwen2(layer: MoE, block: nn.Module) -> None:
 # DeepSeek-V3 / V2 / ERNIE-4.5: + ungated shared experts
 
 
-def _deepseek_v3_routing(block: nn.Module) -> dict:
+def _deepseek_v3_router(block: nn.Module) -> dict:
     g = block.gate
-    return {"score_fn": "sigmoid", "top_k": g.top_k, "renormalize": bool(g.norm_topk_prob),
+    return {"score_fn": "sigmoid", "renormalize": bool(g.norm_topk_prob), "expert_bias": True,
             "num_expert_groups": g.num_group, "topk_expert_groups": g.topk_group, "expert_group_score": "top2_sum",
-            "routed_scaling_factor": float(g.routed_scaling_factor), "capacity_factor": None,
-            "expert_capacity": None}  # fmt: skip
+            "routed_scaling_factor": float(g.routed_scaling_factor)}  # fmt: skip
 
 
 def _build_deepseek_v3(block: nn.Module, **kw) -> MoE:
-    g = block.gate
-    router_kwargs = {"score_fn": "sigmoid", "renormalize": bool(g.norm_topk_prob), "expert_bias": True,
-                     "num_expert_groups": g.num_group, "topk_expert_groups": g.topk_group,
-                     "expert_group_score": "top2_sum",
-                     "routed_scaling_factor": float(g.routed_scaling_factor)}  # fmt: skip
-    layer = _build_fused(block, router_kwargs, shared_expert=_hf_mlp(block.shared_experts), **kw)
+    layer = _build_fused(block, _deepseek_v3_router, shared_expert=_hf_mlp(block.shared_experts), **kw)
     with torch.no_grad():
-        layer.router.expert_bias_E.copy_(g.e_score_correction_bias)
+        layer.router.expert_bias_E.copy_(block.gate.e_score_correction_bias)
     return layer
 
 
@@ -388,37 +417,27 @@ def _export_deepseek_v3(layer: MoE, block: nn.Module) -> None:
     block.gate.e_score_correction_bias.copy_(layer.router.expert_bias_E)
 
 
-def _deepseek_v2_kwargs(g: nn.Module) -> dict:
+def _deepseek_v2_router(block: nn.Module) -> dict:
+    g = block.gate
     if g.topk_method not in ("greedy", "group_limited_greedy"):
         raise ValueError(f"DeepSeek-V2 topk_method={g.topk_method!r} is not supported (greedy, group_limited_greedy)")
     groups = g.topk_method == "group_limited_greedy"
-    return {"score_fn": "softmax", "order": "softmax_topk", "renormalize": False,
-            "num_expert_groups": g.num_group if groups else None,
-            "topk_expert_groups": g.topk_group if groups else None,
-            "expert_group_score": "max", "routed_scaling_factor": float(g.routed_scaling_factor)}  # fmt: skip
-
-
-def _deepseek_v2_routing(block: nn.Module) -> dict:
-    kw = _deepseek_v2_kwargs(block.gate)
-    if kw["num_expert_groups"] is None:
-        kw.pop("expert_group_score")
-    return {**kw, "top_k": block.gate.top_k, "capacity_factor": None, "expert_bias_E": None, "expert_capacity": None}
+    return {"order": "softmax_topk", "renormalize": False, "num_expert_groups": g.num_group if groups else None,
+            "topk_expert_groups": g.topk_group if groups else None, "expert_group_score": "max",
+            "routed_scaling_factor": float(g.routed_scaling_factor)}  # fmt: skip
 
 
 def _build_deepseek_v2(block: nn.Module, **kw) -> MoE:
-    return _build_fused(block, _deepseek_v2_kwargs(block.gate), shared_expert=_hf_mlp(block.shared_experts), **kw)
+    return _build_fused(block, _deepseek_v2_router, shared_expert=_hf_mlp(block.shared_experts), **kw)
 
 
-def _ernie_routing(block: nn.Module) -> dict:
-    return {"score_fn": "softmax", "order": "softmax_topk", "renormalize": True, "top_k": block.gate.top_k,
-            "capacity_factor": None, "num_expert_groups": None, "routed_scaling_factor": 1.0,
-            "expert_capacity": None}  # fmt: skip
+def _ernie_router(block: nn.Module) -> dict:
+    return {"order": "softmax_topk", "renormalize": True, "expert_bias": True}
 
 
 def _build_ernie(block: nn.Module, **kw) -> MoE:
     shared = None if block.shared_experts is None else _hf_mlp(block.shared_experts)
-    router_kwargs = {"order": "softmax_topk", "renormalize": True, "expert_bias": True}
-    layer = _build_fused(block, router_kwargs, shared_expert=shared, **kw)
+    layer = _build_fused(block, _ernie_router, shared_expert=shared, **kw)
     with torch.no_grad():
         layer.router.expert_bias_E.copy_(block.gate.moe_statics.e_score_correction_bias.reshape(-1))
     return layer
@@ -434,14 +453,10 @@ def _export_ernie(layer: MoE, block: nn.Module) -> None:
 # DBRX
 
 
-def _dbrx_routing(block: nn.Module) -> dict:
+def _dbrx_router(block: nn.Module) -> dict:
     p = block.moe_normalize_expert_weights
-    out = {"score_fn": "softmax", "order": "softmax_topk", "renormalize": p is not None, "top_k": block.top_k,
-           "capacity_factor": None, "expert_bias_E": None, "num_expert_groups": None,
-           "expert_capacity": None}  # fmt: skip
-    if p is not None:
-        out["renormalize_p"] = float(p)
-    return out
+    return {"order": "softmax_topk", "renormalize": p is not None, "renormalize_p": 1.0 if p is None else float(p),
+            **_jitter(block.router.moe_jitter_eps)}  # fmt: skip
 
 
 def _build_dbrx(block: nn.Module, **kw) -> MoE:
@@ -449,14 +464,8 @@ def _build_dbrx(block: nn.Module, **kw) -> MoE:
     w1, w3, w2 = _dbrx(block.experts)
     gate_w = block.router.layer.weight
     E, D = gate_w.shape
-    p = block.moe_normalize_expert_weights
-    jitter = block.router.moe_jitter_eps
-    router_kwargs = {"order": "softmax_topk", "renormalize": p is not None, "renormalize_p": 1.0 if p is None else p,
-                     **({"noise": "jitter", "jitter_eps": jitter} if jitter else {}),
-                     **kw.pop("router_kwargs", {})}  # fmt: skip
-    layer = _layer(D, w1.shape[1], E, block.top_k, w1, router_kwargs, **kw)
-    with torch.no_grad():
-        layer.router.gate.weight.copy_(gate_w)
+    layer = _layer(D, w1.shape[1], E, block.top_k, w1, {**_dbrx_router(block), **kw.pop("router_kwargs", {})}, **kw)
+    _copy_gate(layer, gate_w)
     _copy_experts(layer, w1, w3, w2)
     return layer
 
@@ -472,10 +481,8 @@ def _export_dbrx(layer: MoE, block: nn.Module) -> None:
 # GPT-OSS
 
 
-def _gpt_oss_routing(block: nn.Module) -> dict:
-    return {"score_fn": "softmax", "order": "topk_softmax", "top_k": block.router.top_k, "capacity_factor": None,
-            "expert_bias_E": None, "num_expert_groups": None, "routed_scaling_factor": 1.0,
-            "expert_capacity": None}  # fmt: skip
+def _gpt_oss_router(block: nn.Module) -> dict:
+    return {"order": "topk_softmax", "gate_bias": True}
 
 
 def _build_gpt_oss(block: nn.Module, **kw) -> MoE:
@@ -484,13 +491,10 @@ def _build_gpt_oss(block: nn.Module, **kw) -> MoE:
     E, F_, D = w1.shape
     experts = ClampedSwiGLUExperts(D, F_, E, bias=True, limit=float(ex.limit), alpha=float(ex.alpha),
                                    device=w1.device, dtype=w1.dtype)  # fmt: skip
-    router_kwargs = {"order": "topk_softmax", "gate_bias": True, "balance_loss_weight": 0.0,
-                     **kw.pop("router_kwargs", {})}  # fmt: skip
+    router_kwargs = {"balance_loss_weight": 0.0, **_gpt_oss_router(block), **kw.pop("router_kwargs", {})}
     layer = MoE(D, None, E, block.router.top_k, experts=experts, router_kwargs=router_kwargs, device=w1.device,
                 dtype=w1.dtype, **kw)  # fmt: skip
-    with torch.no_grad():
-        layer.router.gate.weight.copy_(block.router.weight)
-        layer.router.gate.bias.copy_(block.router.bias)
+    _copy_gate(layer, block.router.weight, block.router.bias)
     _copy_experts(layer, w1, w3, w2, b1, b3, b2)
     return layer
 
@@ -515,21 +519,22 @@ def _export_gpt_oss(layer: MoE, block: nn.Module) -> None:
 # Llama-4
 
 
-def _llama4_routing(block: nn.Module) -> dict:
-    return {"score_fn": "sigmoid", "top_k": block.top_k, "renormalize": False, "weight_inputs": True,
-            "capacity_factor": None, "expert_bias_E": None, "num_expert_groups": None, "routed_scaling_factor": 1.0,
-            "expert_capacity": None}  # fmt: skip
+def _llama4_router(block: nn.Module) -> dict:
+    return {"score_fn": "sigmoid"}
+
+
+def _llama4_layer(block: nn.Module) -> dict:
+    return {"weight_inputs": True}
 
 
 def _build_llama4(block: nn.Module, **kw) -> MoE:
     _check_silu(block.experts.act_fn, type(block).__name__)
     w1, w3, w2 = _transposed_chunked(block.experts)
     E, F_, D = w1.shape
-    router_kwargs = {"score_fn": "sigmoid", **kw.pop("router_kwargs", {})}
-    layer = _layer(D, F_, E, block.top_k, w1, router_kwargs, weight_inputs=True,
-                   shared_expert=_hf_mlp(block.shared_expert), **kw)  # fmt: skip
-    with torch.no_grad():
-        layer.router.gate.weight.copy_(block.router.weight)
+    router_kwargs = {**_llama4_router(block), **kw.pop("router_kwargs", {})}
+    layer = _layer(D, F_, E, block.top_k, w1, router_kwargs, shared_expert=_hf_mlp(block.shared_expert),
+                   **_llama4_layer(block), **kw)  # fmt: skip
+    _copy_gate(layer, block.router.weight)
     _copy_experts(layer, w1, w3, w2)
     return layer
 
@@ -551,11 +556,14 @@ def _export_with_shared_check(layer: MoE, block: nn.Module) -> None:
 # Switch Transformers / NLLB-MoE: absolute capacity, one nn.Linear pair per expert
 
 
-def _switch_routing(block: nn.Module) -> dict:
+def _switch_router(block: nn.Module) -> dict:
     r = block.router
-    return {"score_fn": "softmax", "order": "softmax_topk", "top_k": 1, "expert_capacity": int(r.expert_capacity),
-            "capacity_factor": None, "batch_priority": False, "group_mode": "sequence",
-            "expert_bias_E": None, "num_expert_groups": None, "routed_scaling_factor": 1.0}  # fmt: skip
+    return {"order": "softmax_topk", "expert_capacity": int(r.expert_capacity),
+            "gate_bias": r.classifier.bias is not None, **_jitter(r.jitter_noise)}  # fmt: skip
+
+
+def _switch_layer(block: nn.Module) -> dict:
+    return {"group_mode": "sequence"}  # HF drops by position within each sequence
 
 
 def _relu_experts(act: nn.Module, where: str) -> None:
@@ -568,17 +576,10 @@ def _build_switch(block: nn.Module, **kw) -> MoE:
     w1, w2, b1, b2 = _module_dict(("wi", "wo"))(block.experts)
     _relu_experts(block.experts["expert_0"].act, type(block).__name__)
     E, F_, D = w1.shape
-    jitter = float(r.jitter_noise or 0.0)
-    router_kwargs = {"order": "softmax_topk", "expert_capacity": int(r.expert_capacity),
-                     "gate_bias": r.classifier.bias is not None,
-                     **({"noise": "jitter", "jitter_eps": jitter} if jitter > 0 else {}),
-                     **kw.pop("router_kwargs", {})}  # fmt: skip
-    layer = _layer(D, F_, E, 1, w1, router_kwargs, experts="relu", expert_bias=b1 is not None, group_mode="sequence",
-                   **kw)  # fmt: skip
-    with torch.no_grad():
-        layer.router.gate.weight.copy_(r.classifier.weight)
-        if r.classifier.bias is not None:
-            layer.router.gate.bias.copy_(r.classifier.bias)
+    router_kwargs = {**_switch_router(block), **kw.pop("router_kwargs", {})}
+    layer = _layer(D, F_, E, 1, w1, router_kwargs, experts="relu", expert_bias=b1 is not None,
+                   **_switch_layer(block), **kw)  # fmt: skip
+    _copy_gate(layer, r.classifier.weight, r.classifier.bias)
     _copy_experts(layer, w1, None, w2, b1, None, b2)
     return layer
 
@@ -598,13 +599,17 @@ def _export_linear_pairs(layer: MoE, block: nn.Module, names: tuple[str, str], c
     _set_module_dict(names, block.experts, ex)
 
 
-def _nllb_routing(block: nn.Module) -> dict:
+def _nllb_router(block: nn.Module) -> dict:
     r = block.router
-    return {"score_fn": "softmax", "order": "softmax_topk", "top_k": 2, "expert_capacity": int(r.expert_capacity),
+    return {"order": "softmax_topk", "expert_capacity": int(r.expert_capacity),
             "renormalize": bool(r.normalize_router_prob_before_dropping),
-            "normalize_weights": not r.normalize_router_prob_before_dropping,
-            "batch_priority": bool(r.batch_prioritized_routing), "capacity_factor": None,
-            "expert_bias_E": None, "num_expert_groups": None, "routed_scaling_factor": 1.0}  # fmt: skip
+            "batch_priority": bool(r.batch_prioritized_routing),
+            "gate_bias": r.classifier.bias is not None}  # fmt: skip
+
+
+def _nllb_layer(block: nn.Module) -> dict:
+    # the two weights renormalised either before dropping (and not after) or after dropping only
+    return {"normalize_weights": not block.router.normalize_router_prob_before_dropping}
 
 
 def _build_nllb(block: nn.Module, **kw) -> MoE:
@@ -619,58 +624,64 @@ def _build_nllb(block: nn.Module, **kw) -> MoE:
     w1, w2, b1, b2 = _module_dict(("fc1", "fc2"))(block.experts)
     _relu_experts(block.experts["expert_0"].act, type(block).__name__)
     E, F_, D = w1.shape
-    router_kwargs = {"order": "softmax_topk", "expert_capacity": int(r.expert_capacity),
-                     "renormalize": bool(r.normalize_router_prob_before_dropping),
-                     "batch_priority": bool(r.batch_prioritized_routing), "gate_bias": r.classifier.bias is not None,
-                     **kw.pop("router_kwargs", {})}  # fmt: skip
-    # renormalised over the two choices either before dropping (and not after) or after dropping only
+    router_kwargs = {**_nllb_router(block), **kw.pop("router_kwargs", {})}
     layer = _layer(D, F_, E, 2, w1, router_kwargs, experts="relu", expert_bias=b1 is not None,
-                   normalize_weights=not r.normalize_router_prob_before_dropping, **kw)  # fmt: skip
-    with torch.no_grad():
-        layer.router.gate.weight.copy_(r.classifier.weight)
-        if r.classifier.bias is not None:
-            layer.router.gate.bias.copy_(r.classifier.bias)
+                   **_nllb_layer(block), **kw)  # fmt: skip
+    _copy_gate(layer, r.classifier.weight, r.classifier.bias)
     _copy_experts(layer, w1, None, w2, b1, None, b2)
     return layer
 
 
 FAMILIES: tuple[HFFamily, ...] = (
-    HFFamily("mixtral", ("MixtralSparseMoeBlock",), _build_mixtral, _export_plain, _topk_softmax_routing),
-    HFFamily("granitemoe", ("GraniteMoeMoE",), _build_mixtral, _export_plain, _topk_softmax_routing),
-    HFFamily("olmoe", ("OlmoeSparseMoeBlock",), _build_softmax_topk, _export_plain, _softmax_topk_routing),
-    HFFamily("qwen3_moe", ("Qwen3MoeSparseMoeBlock",), _build_softmax_topk, _export_plain, _softmax_topk_routing),
-    HFFamily("dbrx", ("DbrxFFN",), _build_dbrx, _export_dbrx, _dbrx_routing),
+    HFFamily("mixtral", ("MixtralSparseMoeBlock",), _build_mixtral, _export_plain, _topk_softmax_router),
+    HFFamily("granitemoe", ("GraniteMoeMoE",), _build_mixtral, _export_plain, _topk_softmax_router),
+    HFFamily("olmoe", ("OlmoeSparseMoeBlock",), _build_softmax_topk, _export_plain, _softmax_topk_router),
+    HFFamily("qwen3_moe", ("Qwen3MoeSparseMoeBlock",), _build_softmax_topk, _export_plain, _softmax_topk_router),
+    HFFamily("dbrx", ("DbrxFFN",), _build_dbrx, _export_dbrx, _dbrx_router, top_k=lambda block: int(block.top_k)),
     HFFamily(
         "qwen2_moe",
         ("Qwen2MoeSparseMoeBlock", "Qwen3NextSparseMoeBlock"),
         _build_qwen2,
         _export_qwen2,
-        _softmax_topk_routing,
+        _softmax_topk_router,
     ),
-    HFFamily("deepseek_v3", ("DeepseekV3MoE",), _build_deepseek_v3, _export_deepseek_v3, _deepseek_v3_routing),
+    HFFamily("deepseek_v3", ("DeepseekV3MoE",), _build_deepseek_v3, _export_deepseek_v3, _deepseek_v3_router),
     HFFamily(
         "deepseek_v2",
         ("DeepseekV2Moe",),
         _build_deepseek_v2,
         lambda layer, block: _export_with_shared(layer, block, block.shared_experts),
-        _deepseek_v2_routing,
+        _deepseek_v2_router,
     ),
-    HFFamily("ernie4_5_moe", ("Ernie4_5_MoeSparseMoeBlock",), _build_ernie, _export_ernie, _ernie_routing),
+    HFFamily("ernie4_5_moe", ("Ernie4_5_MoeSparseMoeBlock",), _build_ernie, _export_ernie, _ernie_router),
     HFFamily(
         "switch_transformers",
         ("SwitchTransformersSparseMLP",),
         _build_switch,
         lambda layer, block: _export_linear_pairs(layer, block, ("wi", "wo"), block.router.classifier),
-        _switch_routing,
+        _switch_router,
+        top_k=lambda block: 1,
+        layer=_switch_layer,
     ),
-    HFFamily("gpt_oss", ("GptOssMLP",), _build_gpt_oss, _export_gpt_oss, _gpt_oss_routing, returns="tuple"),
-    HFFamily("llama4", ("Llama4TextMoe",), _build_llama4, _export_llama4, _llama4_routing, returns="tuple"),
+    HFFamily("gpt_oss", ("GptOssMLP",), _build_gpt_oss, _export_gpt_oss, _gpt_oss_router, returns="tuple"),
+    HFFamily(
+        "llama4",
+        ("Llama4TextMoe",),
+        _build_llama4,
+        _export_llama4,
+        _llama4_router,
+        top_k=lambda block: int(block.top_k),
+        returns="tuple",
+        layer=_llama4_layer,
+    ),
     HFFamily(
         "nllb_moe",
         ("NllbMoeSparseMLP",),
         _build_nllb,
         lambda layer, block: _export_linear_pairs(layer, block, ("fc1", "fc2"), block.router.classifier),
-        _nllb_routing,
+        _nllb_router,
+        top_k=lambda block: 2,
+        layer=_nllb_layer,
     ),
 )
 

@@ -90,15 +90,12 @@ class AnalysisOptions:
 
 
 def _load(path, device=None):
-    from smoe.train.checkpoint import load_checkpoint, resolve_intact_checkpoint  # noqa: PLC0415
-    from smoe.train.load import find_run_dir  # noqa: PLC0415
-    from smoe.train.run import load_run_config, prepare_run  # noqa: PLC0415
+    """``(model in eval mode on device, data, run config, checkpoint, run folder, step)`` of a trained run."""
+    from smoe.train.run import load_trained  # noqa: PLC0415
 
-    ckpt = resolve_intact_checkpoint(path, False)
-    run_dir = find_run_dir(ckpt if ckpt.is_dir() else ckpt.parent)
-    run, tokenizer_state = load_run_config(run_dir)
-    model, data, run, _ = prepare_run(run, tokenizer_state=tokenizer_state)
-    state = load_checkpoint(ckpt, model=model, restore_rng=False)
+    model, data, run, ckpt, run_dir, state = load_trained(path)
+    if device is not None:
+        model.to(device)
     return model.eval(), data, run, ckpt, run_dir, int(state.get("step", 0))
 
 

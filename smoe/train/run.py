@@ -307,6 +307,23 @@ def _extended(run: RunConfig, run_dir: pathlib.Path, steps: int, parallel, check
     return extended
 
 
+def load_trained(path: str | os.PathLike, *, use_intact: bool = False):
+    """A trained run's model with its checkpoint loaded, and the run's data, for evaluation and analysis.
+
+    Returns:
+        ``(model, data, run config, checkpoint folder, run folder, checkpoint state)``.
+    """
+    from smoe.train.checkpoint import load_checkpoint, resolve_intact_checkpoint  # noqa: PLC0415
+    from smoe.train.load import find_run_dir  # noqa: PLC0415
+
+    ckpt = resolve_intact_checkpoint(path, use_intact)
+    run_dir = find_run_dir(ckpt if ckpt.is_dir() else ckpt.parent)  # the nearest ancestor holding config.json
+    run, tokenizer_state = load_run_config(run_dir)
+    model, data, run, _ = prepare_run(run, tokenizer_state=tokenizer_state)
+    state = load_checkpoint(ckpt, model=model, restore_rng=False)
+    return model, data, run, ckpt, run_dir, state
+
+
 def evaluate_run(
     path: str | os.PathLike,
     *,
@@ -320,14 +337,7 @@ def evaluate_run(
     ``use_intact``: when the checkpoint is damaged (its files differ from their checksums), evaluate the newest
     intact checkpoint of the same run instead (otherwise a damaged one is an error naming that one).
     """
-    from smoe.train.checkpoint import load_checkpoint, resolve_intact_checkpoint  # noqa: PLC0415
-    from smoe.train.load import find_run_dir  # noqa: PLC0415
-
-    ckpt = resolve_intact_checkpoint(path, use_intact)
-    run_dir = find_run_dir(ckpt)  # the nearest ancestor holding config.json
-    run, tokenizer_state = load_run_config(run_dir)
-    model, data, run, _ = prepare_run(run, tokenizer_state=tokenizer_state)
-    state = load_checkpoint(ckpt, model=model, restore_rng=False)
+    model, data, run, ckpt, _, state = load_trained(path, use_intact=use_intact)
     trainer = Trainer(model, data, run.train, run_dir=None, progress=False, device=device)
     trainer.step = int(state.get("step", 0))
     result = trainer.evaluate(split, max_batches)
